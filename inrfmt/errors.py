@@ -1,0 +1,9 @@
+"""The library's exception types. Kept import-free so every module (format.py included) can use them."""
+
+
+class InrFormatError(ValueError):
+    """A file is not a valid .inr file (or is a newer major version). The message names file, field and value."""
+
+
+class InrUsageError(ValueError):
+    """A user mistake: a bad argument, a missing source, an output that exists. The CLI exits 2 on it."""
