@@ -1,0 +1,41 @@
+"""inrfmt: image datasets stored as one tiny SIREN per image, decoded on the GPU for training.
+
+The public API is small:
+
+    inrfmt.open(path, device=None) -> InrDataset   # the whole file on the device; ds.decode, ds.loader
+    inrfmt.convert(src, out, preset=...)           # encode a folder / CIFAR / HDF5 / npy source
+    inrfmt.merge(out, parts)                       # join the part files of a sharded convert
+    inrfmt.InrDataset, inrfmt.InrLoader
+    inrfmt.InrFormatError, inrfmt.InrUsageError
+
+Names resolve lazily, so `import inrfmt.format` (numpy only) does not import torch.
+"""
+from .errors import InrFormatError, InrUsageError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "open": ("data", "open"),
+    "InrDataset": ("data", "InrDataset"),
+    "InrLoader": ("data", "InrLoader"),
+    "convert": ("encode", "convert"),
+    "merge": ("encode", "merge"),
+}
+
+__all__ = ["open", "convert", "merge", "InrDataset", "InrLoader", "InrFormatError", "InrUsageError",
+           "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'inrfmt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
