@@ -1,0 +1,464 @@
+"""TensorBank: a whole .inr dataset as one set of contiguous tensors on one device.
+
+The bank keeps hidden-layer weights in the file's storage dtype (int8 with per-image per-layer scales, or
+float16/float32): dequantization happens inside the decoders, so the bank costs about what the file does
+(pruned zeros are stored densely; the bitmap is only a compression device in the file).
+
+`TensorBank.from_file` fills the bank chunk by chunk: each zstd chunk is decoded by `InrFile.read_chunk`,
+copied into a pinned staging buffer and from there, asynchronously, into its slice of the preallocated
+device tensors. Two staging buffers alternate so that decompressing chunk k+1 overlaps the copy of chunk k.
+At most two chunks of decoded weights exist in host memory at any time.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .errors import InrFormatError, InrUsageError
+
+if TYPE_CHECKING:  # format.py is numpy-only; imported lazily so the bank can be built from tensors alone
+    from .format import Architecture, InrFile
+
+HIDDEN_DTYPES = {
+    "int8": torch.int8,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+# Per-image tensors of a bank, in a fixed order (the order of WeightBatch's fields).
+_WEIGHT_FIELDS = ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b")
+_META_FIELDS = ("labels", "heights", "widths")
+
+
+def _hidden_dtype_name(dtype: torch.dtype) -> str:
+    for name, value in HIDDEN_DTYPES.items():
+        if value == dtype:
+            return name
+    raise InrUsageError(f"hidden_w dtype {dtype} is not one of int8, float16, float32")
+
+
+class TensorBank:
+    """Per-image SIREN weights of N images, as contiguous tensors on one device.
+
+    Fields (docs/internals.md): first_w f32 [N,W,2], first_b f32 [N,W], hidden_w int8|f16|f32 [N,H,W,W],
+    hidden_scale f32 [N,H], hidden_b f32 [N,H,W], last_w f32 [N,3,W], last_b f32 [N,3], labels int64 [N],
+    heights int32 [N], widths int32 [N]; arch, w0, first_w0, nbytes (bank bytes), load_seconds.
+    """
+
+    def __init__(self, arch: "Architecture", *, first_w: torch.Tensor, first_b: torch.Tensor,
+                 hidden_w: torch.Tensor, hidden_scale: torch.Tensor, hidden_b: torch.Tensor,
+                 last_w: torch.Tensor, last_b: torch.Tensor, labels: torch.Tensor | None = None,
+                 heights: torch.Tensor | None = None, widths: torch.Tensor | None = None,
+                 load_seconds: float = 0.0):
+        n, w, h = first_w.shape[0], arch.width, arch.hidden_layers
+        device = first_w.device
+        expected = {
+            "first_w": ((n, w, 2), (torch.float32,)),
+            "first_b": ((n, w), (torch.float32,)),
+            "hidden_w": ((n, h, w, w), tuple(HIDDEN_DTYPES.values())),
+            "hidden_scale": ((n, h), (torch.float32,)),
+            "hidden_b": ((n, h, w), (torch.float32,)),
+            "last_w": ((n, 3, w), (torch.float32,)),
+            "last_b": ((n, 3), (torch.float32,)),
+        }
+        given = dict(first_w=first_w, first_b=first_b, hidden_w=hidden_w, hidden_scale=hidden_scale,
+                     hidden_b=hidden_b, last_w=last_w, last_b=last_b)
+        for name, (shape, dtypes) in expected.items():
+            t = given[name]
+            if tuple(t.shape) != shape:
+                raise InrUsageError(f"TensorBank: {name} has shape {tuple(t.shape)}, expected {shape} "
+                                    f"for {n} images of width {w} with {h} hidden layers")
+            if t.dtype not in dtypes:
+                raise InrUsageError(f"TensorBank: {name} has dtype {t.dtype}, expected one of {dtypes}")
+            if t.device != device:
+                raise InrUsageError(f"TensorBank: {name} is on {t.device}, first_w on {device}")
+            if not t.is_contiguous():
+                raise InrUsageError(f"TensorBank: {name} is not contiguous")
+        if labels is None:
+            labels = torch.full((n,), -1, dtype=torch.int64, device=device)
+        if heights is None:
+            heights = torch.zeros((n,), dtype=torch.int32, device=device)
+        if widths is None:
+            widths = torch.zeros((n,), dtype=torch.int32, device=device)
+        for name, t, dtype in (("labels", labels, torch.int64), ("heights", heights, torch.int32),
+                               ("widths", widths, torch.int32)):
+            if tuple(t.shape) != (n,) or t.dtype != dtype or t.device != device:
+                raise InrUsageError(f"TensorBank: {name} must be {dtype} [{n}] on {device}, "
+                                    f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        self.arch = arch
+        self.first_w, self.first_b = first_w, first_b
+        self.hidden_w, self.hidden_scale, self.hidden_b = hidden_w, hidden_scale, hidden_b
+        self.last_w, self.last_b = last_w, last_b
+        self.labels, self.heights, self.widths = labels.contiguous(), heights.contiguous(), widths.contiguous()
+        self.load_seconds = float(load_seconds)
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def w0(self) -> float:
+        return float(self.arch.w0)
+
+    @property
+    def first_w0(self) -> float:
+        return float(self.arch.first_w0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.first_w.device
+
+    @property
+    def num_images(self) -> int:
+        return self.first_w.shape[0]
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    @property
+    def hidden_dtype(self) -> str:
+        return _hidden_dtype_name(self.hidden_w.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by the bank (all per-image tensors, labels and sizes)."""
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size()
+                   for f in _WEIGHT_FIELDS + _META_FIELDS)
+
+    def __repr__(self) -> str:
+        return (f"TensorBank({self.num_images} images, {self.arch.sine_layers}x{self.arch.width}, "
+                f"hidden {self.hidden_dtype}, {self.nbytes} bytes on {self.device})")
+
+    def to(self, device) -> "TensorBank":
+        device = torch.device(device)
+        moved = {f: getattr(self, f).to(device) for f in _WEIGHT_FIELDS + _META_FIELDS}
+        return TensorBank(self.arch, load_seconds=self.load_seconds, **moved)
+
+    def params(self, indices: torch.Tensor):
+        """Dequantized float32 `siren.SirenParams` of the images at `indices` (a long tensor on the bank's device)."""
+        from .siren import SirenParams
+
+        hidden = self.hidden_w[indices].to(torch.float32)
+        hidden.mul_(self.hidden_scale[indices][:, :, None, None])
+        return SirenParams(first_w=self.first_w[indices], first_b=self.first_b[indices], hidden_w=hidden,
+                           hidden_b=self.hidden_b[indices], last_w=self.last_w[indices],
+                           last_b=self.last_b[indices])
+
+    # -- constructors -----------------------------------------------------------------------------
+    @classmethod
+    def from_params(cls, params, arch: "Architecture", *, hidden_dtype: str = "int8", labels=None,
+                    heights=None, widths=None, device=None) -> "TensorBank":
+        """A bank from float `siren.SirenParams` (tests, benchmarks, freshly fitted weights).
+
+        int8 quantizes each image's hidden layers symmetrically (scale = max|w| / 127, per image per layer);
+        float16/float32 keep the weights with scale 1.
+        """
+        if hidden_dtype not in HIDDEN_DTYPES:
+            raise InrUsageError(f"hidden_dtype {hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES)}")
+        device = torch.device(device) if device is not None else params.first_w.device
+        f32 = dict(device=device, dtype=torch.float32)
+        hidden = params.hidden_w.to(**f32)
+        n, h = hidden.shape[0], hidden.shape[1]
+        if hidden_dtype == "int8":
+            scale = hidden.abs().amax(dim=(-2, -1)) / 127.0
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            hidden_w = torch.round(hidden / scale[:, :, None, None]).clamp_(-127, 127).to(torch.int8)
+        else:
+            scale = torch.ones((n, h), **f32)
+            hidden_w = hidden.to(HIDDEN_DTYPES[hidden_dtype])
+
+        def opt(t, dtype):
+            return None if t is None else torch.as_tensor(t, dtype=dtype).to(device).contiguous()
+
+        return cls(arch, first_w=params.first_w.to(**f32).contiguous(), first_b=params.first_b.to(**f32).contiguous(),
+                   hidden_w=hidden_w.contiguous(), hidden_scale=scale.contiguous(),
+                   hidden_b=params.hidden_b.to(**f32).contiguous(), last_w=params.last_w.to(**f32).contiguous(),
+                   last_b=params.last_b.to(**f32).contiguous(), labels=opt(labels, torch.int64),
+                   heights=opt(heights, torch.int32), widths=opt(widths, torch.int32))
+
+    @classmethod
+    def from_weight_batch(cls, weights, arch: "Architecture", *, labels=None, heights=None, widths=None,
+                          device="cpu") -> "TensorBank":
+        """A bank from a numpy `format.WeightBatch` (e.g. `InrFile.read_images(...)`)."""
+        device = torch.device(device)
+        tensors = {}
+        for name in _WEIGHT_FIELDS:
+            arr = np.ascontiguousarray(getattr(weights, name))
+            t = torch.from_numpy(arr)
+            if name != "hidden_w":
+                t = t.to(torch.float32)
+            tensors[name] = t.to(device).contiguous()
+
+        def opt(a, dtype):
+            return None if a is None else torch.as_tensor(np.asarray(a)).to(dtype).to(device)
+
+        return cls(arch, labels=opt(labels, torch.int64), heights=opt(heights, torch.int32),
+                   widths=opt(widths, torch.int32), **tensors)
+
+    @classmethod
+    def from_file(cls, inr_file, device=None, *, progress=None, expand_on_device=None,
+                  workers=None) -> "TensorBank":
+        """Upload a whole .inr file (an `InrFile` or a path) to `device`, chunk by chunk.
+
+        CUDA (default): worker threads check and zstd-decompress chunks; each raw chunk payload goes through
+        one of two alternating pinned staging buffers to the device (non_blocking), where the pruning bitmap
+        is expanded into the dense weights - so the host does no per-weight work at all.
+        CPU (default): `InrFile.read_chunk` per chunk, copied straight into the bank.
+        expand_on_device=True/False forces either path (the device path also runs on CPU tensors).
+        `progress`, if given, is called with (images_done, total) after each chunk.
+        """
+        from .format import InrFile
+
+        device = _resolve_device(device)
+        owned = not isinstance(inr_file, InrFile)
+        f = InrFile(inr_file) if owned else inr_file
+        try:
+            if expand_on_device is None:
+                expand_on_device = device.type == "cuda" and _raw_chunks_supported(f)
+            if expand_on_device:
+                return cls._from_raw_chunks(f, device, progress, workers)
+            return cls._from_open_file(f, device, progress)
+        finally:
+            if owned:
+                f.close()
+
+    @classmethod
+    def _from_raw_chunks(cls, f, device: torch.device, progress, workers) -> "TensorBank":
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        start_time = time.perf_counter()
+        if not _raw_chunks_supported(f):
+            raise InrUsageError("this InrFile does not expose raw chunk payloads; use expand_on_device=False")
+        if f.hidden_dtype not in HIDDEN_DTYPES:
+            raise InrFormatError(f"{f.path}: hidden_dtype {f.hidden_dtype!r} is not supported by the bank")
+        arch = f.arch
+        n, w, h = f.num_images, arch.width, arch.hidden_layers
+        total = h * w * w
+        hidden_dtype = HIDDEN_DTYPES[f.hidden_dtype]
+        bank = {
+            "first_w": torch.empty((n, w, 2), dtype=torch.float32, device=device),
+            "first_b": torch.empty((n, w), dtype=torch.float32, device=device),
+            "hidden_w": torch.empty((n, h, w, w), dtype=hidden_dtype, device=device),
+            "hidden_b": torch.empty((n, h, w), dtype=torch.float32, device=device),
+            "last_w": torch.empty((n, 3, w), dtype=torch.float32, device=device),
+            "last_b": torch.empty((n, 3), dtype=torch.float32, device=device),
+        }
+        nnz = np.asarray(f.index["nnz"], dtype=np.int64)
+        bounds = [f.chunk_range(k) for k in range(f.num_chunks)]
+        raw_lengths = [int(f.chunks["raw_length"][k]) for k in range(f.num_chunks)]
+        max_raw = max(raw_lengths, default=0)
+        cuda = device.type == "cuda"
+        if cuda:
+            staging = [torch.empty((max_raw,), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            copied = [None, None]
+        raw_device = torch.empty((max_raw,), dtype=torch.uint8, device=device)
+        nnz_device = torch.from_numpy(nnz).to(device)
+        bad = torch.zeros((), dtype=torch.bool, device=device)  # any mask inconsistent with nnz / padding bits
+        if cuda:
+            stream = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # nnz_device and bad are written there
+
+        def fetch(k):  # worker thread: CRC check + zstd decompress (both release the GIL)
+            frame, raw_length = f.read_chunk_frame(k)
+            return _decompress_chunk(f.path, k, frame, raw_length)
+
+        workers = workers or min(8, os.cpu_count() or 1)
+        lookahead = workers + 1  # chunks decompressed ahead: bounds host memory to a few chunks
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = {k: pool.submit(fetch, k) for k in range(min(lookahead, f.num_chunks))}
+            for k in range(f.num_chunks):
+                raw = pending.pop(k).result()
+                if k + lookahead < f.num_chunks:
+                    pending[k + lookahead] = pool.submit(fetch, k + lookahead)
+                start, stop = bounds[k]
+                count, length = stop - start, len(raw)
+                if cuda:
+                    s = k % 2
+                    if copied[s] is not None:
+                        copied[s].synchronize()
+                    staging[s].numpy()[:length] = np.frombuffer(raw, dtype=np.uint8)
+                    with torch.cuda.stream(stream):
+                        raw_device[:length].copy_(staging[s][:length], non_blocking=True)
+                        copied[s] = torch.cuda.Event()
+                        copied[s].record(stream)
+                        bad |= _unpack_chunk(f, k, raw_device[:length], bank, start, count, total,
+                                             nnz_device[start:stop], int(nnz[start:stop].sum()))
+                else:
+                    raw_device[:length].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+                    bad |= _unpack_chunk(f, k, raw_device[:length], bank, start, count, total,
+                                         nnz_device[start:stop], int(nnz[start:stop].sum()))
+                del raw
+                if progress is not None:
+                    progress(stop, n)
+        if cuda:
+            stream.synchronize()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            del staging
+        del raw_device
+        if bool(bad):
+            # Find and name the broken chunk with the reader's own checks (slow path, only on failure).
+            for k in range(f.num_chunks):
+                f.read_chunk(k)
+            raise InrFormatError(f"{f.path}: a pruning mask disagrees with the index (nnz or padding bits)")
+        index = f.index
+        scales = torch.from_numpy(np.array(f.scales, dtype=np.float32).reshape(n, h)).to(device)
+        labels = torch.from_numpy(np.asarray(index["label"], dtype=np.int64)).to(device)
+        heights = torch.from_numpy(np.asarray(index["height"], dtype=np.int32)).to(device)
+        widths = torch.from_numpy(np.asarray(index["width"], dtype=np.int32)).to(device)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return cls(arch, hidden_scale=scales, labels=labels, heights=heights, widths=widths,
+                   load_seconds=time.perf_counter() - start_time, **bank)
+
+    @classmethod
+    def _from_open_file(cls, f, device: torch.device, progress) -> "TensorBank":
+        start_time = time.perf_counter()
+        arch = f.arch
+        n, w, h = f.num_images, arch.width, arch.hidden_layers
+        if f.hidden_dtype not in HIDDEN_DTYPES:
+            raise InrFormatError(f"{f.path}: hidden_dtype {f.hidden_dtype!r} is not supported by the bank")
+        shapes = {
+            "first_w": ((w, 2), torch.float32), "first_b": ((w,), torch.float32),
+            "hidden_w": ((h, w, w), HIDDEN_DTYPES[f.hidden_dtype]), "hidden_scale": ((h,), torch.float32),
+            "hidden_b": ((h, w), torch.float32), "last_w": ((3, w), torch.float32),
+            "last_b": ((3,), torch.float32),
+        }
+        bank = {name: torch.empty((n, *shape), dtype=dtype, device=device) for name, (shape, dtype) in shapes.items()}
+
+        use_staging = device.type == "cuda"
+        if use_staging:
+            max_chunk = max((stop - start for start, stop in map(f.chunk_range, range(f.num_chunks))), default=0)
+            # Two sets of pinned buffers; a set is refilled only after its previous copy has completed.
+            staging = [{name: torch.empty((max_chunk, *shape), dtype=dtype, pin_memory=True)
+                        for name, (shape, dtype) in shapes.items()} for _ in range(2)]
+            copied = [None, None]  # CUDA events: copies out of staging set s done
+            stream = torch.cuda.Stream(device=device)
+
+        done = 0
+        for k in range(f.num_chunks):
+            start, stop = f.chunk_range(k)
+            count = stop - start
+            batch = f.read_chunk(k)
+            for name, (shape, _) in shapes.items():
+                arr = getattr(batch, name)
+                if tuple(arr.shape) != (count, *shape):
+                    raise InrFormatError(f"{f.path}: chunk {k} field {name} has shape {tuple(arr.shape)}, "
+                                         f"expected {(count, *shape)}")
+            if use_staging:
+                s = k % 2
+                if copied[s] is not None:
+                    copied[s].synchronize()
+                for name in shapes:
+                    buf = staging[s][name][:count]
+                    buf.copy_(torch.from_numpy(np.ascontiguousarray(getattr(batch, name))))
+                with torch.cuda.stream(stream):
+                    for name in shapes:
+                        bank[name][start:stop].copy_(staging[s][name][:count], non_blocking=True)
+                    copied[s] = torch.cuda.Event()
+                    copied[s].record(stream)
+            else:
+                for name in shapes:
+                    bank[name][start:stop].copy_(torch.from_numpy(np.ascontiguousarray(getattr(batch, name))))
+            del batch
+            done += count
+            if progress is not None:
+                progress(done, n)
+        if use_staging:
+            stream.synchronize()
+            # The bank's tensors were written on a side stream; later work runs on the current stream.
+            torch.cuda.current_stream(device).wait_stream(stream)
+            del staging
+
+        index = f.index
+        labels = torch.from_numpy(np.asarray(index["label"], dtype=np.int64)).to(device)
+        heights = torch.from_numpy(np.asarray(index["height"], dtype=np.int32)).to(device)
+        widths = torch.from_numpy(np.asarray(index["width"], dtype=np.int32)).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return cls(arch, labels=labels, heights=heights, widths=widths,
+                   load_seconds=time.perf_counter() - start_time, **bank)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InrUsageError(f"device {device!r} is not a valid torch device") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InrUsageError(f"device {str(device)!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+# -- raw chunk payloads (device-side bitmap expansion) ---------------------------------------------------
+_TORCH_OF_NUMPY = {("f", 4): torch.float32, ("f", 2): torch.float16, ("i", 1): torch.int8, ("u", 1): torch.uint8}
+
+
+def _raw_chunks_supported(f) -> bool:
+    """The reader exposes what the raw path needs (chunk frames, payload layout, the scales table)."""
+    return all(hasattr(f, name) for name in ("read_chunk_frame", "_layout", "scales", "chunks"))
+
+
+def _decompress_chunk(path, k: int, frame: bytes, raw_length: int) -> bytes:
+    import zstandard
+
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=raw_length)
+    except zstandard.ZstdError as exc:
+        raise InrFormatError(f"{path}: chunks[{k}]: zstd decompression failed ({exc})") from None
+    if len(raw) != raw_length:
+        raise InrFormatError(f"{path}: chunks[{k}]: decompressed to {len(raw)} bytes, expected {raw_length}")
+    return raw
+
+
+def _typed(segment: torch.Tensor, np_dtype: np.dtype, shape) -> torch.Tensor:
+    """A uint8 slice reinterpreted as `np_dtype` (little-endian in the file, as on every torch device)."""
+    dtype = _TORCH_OF_NUMPY[(np_dtype.kind, np_dtype.itemsize)]
+    if np_dtype.itemsize > 1 and segment.storage_offset() % np_dtype.itemsize:
+        segment = segment.clone()  # misaligned after an odd-length bitmap: realign once
+    return segment.view(dtype).view(shape)
+
+
+def _unpack_chunk(f, k, raw: torch.Tensor, bank: dict, start: int, count: int, total: int,
+                  nnz: torch.Tensor, total_nnz: int) -> torch.Tensor:
+    """Scatter one decompressed chunk payload (already on the bank's device) into the bank.
+
+    Returns a 0-d bool tensor: True when a mask disagrees with the index's nnz or has padding bits set
+    (checked on the device; the caller looks at it once, after the last chunk).
+    """
+    stop = start + count
+    arrays, pos = {}, 0
+    for name, np_dtype, shape in f._layout(k, total_nnz):
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+        if pos + nbytes > raw.numel():
+            raise InrFormatError(f"{f.path}: chunks[{k}]: payload is shorter than its layout")
+        arrays[name] = _typed(raw[pos:pos + nbytes], np_dtype, tuple(shape))
+        pos += nbytes
+    if pos != raw.numel():
+        raise InrFormatError(f"{f.path}: chunks[{k}]: payload is longer than its layout")
+    for name in ("first_w", "first_b", "hidden_b", "last_w", "last_b"):
+        bank[name][start:stop].copy_(arrays[name], non_blocking=True)
+    dense = bank["hidden_w"][start:stop].view(count, total)
+    values = arrays["values"]
+    if "masks" not in arrays:
+        dense.view(-1).copy_(values)
+        return torch.zeros((), dtype=torch.bool, device=raw.device)
+    packed = arrays["masks"]  # [count, ceil(total/8)], most significant bit first (numpy packbits)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=raw.device)
+    bits = ((packed.unsqueeze(-1) >> shifts) & 1).view(count, -1)
+    mask = bits[:, :total].bool()
+    bad = (bits[:, total:] != 0).any() | (mask.sum(dim=1) != nnz).any()
+    if total_nnz == 0:
+        dense.zero_()
+        return bad
+    flat = mask.view(-1)
+    position = torch.cumsum(flat, 0, dtype=torch.int64 if flat.numel() >= 2 ** 31 else torch.int32)
+    position = (position - 1).clamp_(0, total_nnz - 1)
+    dense.view(-1).copy_(torch.where(flat, values[position], torch.zeros((), dtype=values.dtype, device=raw.device)))
+    return bad
+

@@ -1,0 +1,252 @@
+"""Fused SIREN decoder: one Triton launch decodes a batch of images from the TensorBank.
+
+One program per (image, tile of BLOCK_P output pixels), on a 1-D grid. A program
+  1. computes its pixels' (x, y) from (row, col) exactly as siren.pixel_grid does and applies the image's theta,
+  2. runs every layer with the activations [BLOCK_P, WP] kept in registers: the first layer as two FMAs per
+     unit, each hidden layer as one tl.dot of fp16 activations with the raw int8 (or fp16/fp32) weights
+     read straight from the bank, then `acc * (scale * w0) + b * w0` in fp32 — the int8 values are exact in
+     fp16, so dequantization and w0 cost nothing and add no rounding,
+  3. applies the linear output layer (padded to 16 outputs for tl.dot), 0.5*o + 0.5, clamps, and stores into
+     out [B,3,h,w] through its strides (so NCHW and channels_last both work) in out's dtype.
+
+Width: padded to WP = next power of two >= 16 (tl.dot's minimum). Every weight load is masked with
+`row < WIDTH and col < WIDTH`, and addresses use the true row stride WIDTH. The prototype's illegal memory
+access at width 40 -> 64 came from loading the padded [64, 64] block of a 40x40 matrix unmasked: the last
+image's last layer then reads up to 63*40+63 elements past its start, ~1 KB beyond the end of the
+allocation (at width 28 -> 32 the overrun is ~100 bytes and hid inside allocator slack). Here padded
+rows/cols are never read. Image offsets are int64 so banks with N*H*W*W >= 2^31 elements are addressed
+correctly, and an out-of-range image index writes NaN instead of reading outside the bank.
+
+Sine: FAST_SIN selects `sin.approx.f32` (inline PTX; GPU only) after a Cody-Waite range reduction to
+[-pi, pi] (sin.approx is only accurate near 0), else tl.sin (libdevice on GPU; works in the interpreter).
+
+The kernel object is created lazily by `triton.jit` at first use, so whether it runs compiled or in
+triton's CPU interpreter is decided by TRITON_INTERPRET at that moment, not at import time.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..decode import parse_size, prepare_indices, prepare_out, prepare_theta
+from ..errors import InrUsageError
+
+OUT_PAD = 16  # the 3 output channels padded for tl.dot
+MIN_DOT = 16  # smallest tl.dot dimension
+
+
+def _siren_decode_kernel(
+    idx_ptr, theta_ptr, out_ptr,
+    first_w_ptr, first_b_ptr, hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, last_w_ptr, last_b_ptr,
+    num_images, out_h, out_w, tiles_per_image,
+    stride_ob, stride_oc, stride_oh, stride_ow,
+    first_w0, w0, invalid_value,
+    WIDTH: tl.constexpr, WP: tl.constexpr, NUM_HIDDEN: tl.constexpr, OUT_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, HAS_THETA: tl.constexpr, FAST_SIN: tl.constexpr, RANGE_REDUCE: tl.constexpr,
+    FP16_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // tiles_per_image
+    tile = pid % tiles_per_image
+
+    img = tl.load(idx_ptr + b).to(tl.int64)
+    valid = (img >= 0) & (img < num_images)
+    img = tl.where(valid, img, 0)
+
+    # -- pixel coordinates (pixel centres, affine_grid align_corners=False) ------------------------
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < out_h * out_w
+    row = p // out_w
+    col = p % out_w
+    x = (col * 2 + 1).to(tl.float32) / out_w - 1.0
+    y = (row * 2 + 1).to(tl.float32) / out_h - 1.0
+    if HAS_THETA:
+        tb = theta_ptr + b.to(tl.int64) * 6
+        t00 = tl.load(tb)
+        t01 = tl.load(tb + 1)
+        t02 = tl.load(tb + 2)
+        t10 = tl.load(tb + 3)
+        t11 = tl.load(tb + 4)
+        t12 = tl.load(tb + 5)
+        x, y = x * t00 + y * t01 + t02, x * t10 + y * t11 + t12
+
+    k = tl.arange(0, WP)
+    kmask = k < WIDTH
+
+    # -- first sine layer: z = first_w0 * (W c + b) ------------------------------------------------
+    fw = first_w_ptr + img * (WIDTH * 2)
+    fw_x = tl.load(fw + k * 2, mask=kmask, other=0.0) * first_w0
+    fw_y = tl.load(fw + k * 2 + 1, mask=kmask, other=0.0) * first_w0
+    fb = tl.load(first_b_ptr + img * WIDTH + k, mask=kmask, other=0.0) * first_w0
+    z = x[:, None] * fw_x[None, :] + y[:, None] * fw_y[None, :] + fb[None, :]
+    if RANGE_REDUCE:
+        # z - n*2pi, n = round(z / 2pi) by the 1.5*2^23 trick (FP32 adds, no conversion instructions);
+        # 2pi split Cody-Waite style so that n*6.28125 is exact.
+        n = (z * 0.15915494309189535 + 12582912.0) - 12582912.0
+        z = (z - n * 6.28125) - n * 0.0019353071795864769
+    if FAST_SIN:
+        act = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    else:
+        act = tl.sin(z)
+
+    # -- hidden sine layers: z = (scale*w0) * (q @ act) + w0 * b ------------------------------------
+    wrow = tl.arange(0, WP)[:, None]  # output unit
+    wcol = tl.arange(0, WP)[None, :]  # input unit
+    wmask = (wrow < WIDTH) & (wcol < WIDTH)
+    w_offsets = wrow * WIDTH + wcol  # row stride is the true width, never the padded one
+    for layer in range(NUM_HIDDEN):
+        lw = img * NUM_HIDDEN + layer
+        q = tl.load(hidden_w_ptr + lw * (WIDTH * WIDTH) + w_offsets, mask=wmask, other=0)
+        scale = tl.load(hidden_scale_ptr + lw) * w0
+        hb = tl.load(hidden_b_ptr + lw * WIDTH + k, mask=kmask, other=0.0) * w0
+        if FP16_DOT:
+            acc = tl.dot(act.to(tl.float16), tl.trans(q.to(tl.float16)))
+        else:
+            acc = tl.dot(act, tl.trans(q.to(tl.float32)), input_precision="ieee")
+        z = acc * scale + hb[None, :]
+        if RANGE_REDUCE:
+            n = (z * 0.15915494309189535 + 12582912.0) - 12582912.0
+            z = (z - n * 6.28125) - n * 0.0019353071795864769
+        if FAST_SIN:
+            act = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32,
+                                            is_pure=True, pack=1)
+        else:
+            act = tl.sin(z)
+
+    # -- linear output layer, 3 channels padded to OUT_PAD -----------------------------------------
+    c = tl.arange(0, OUT_PAD)
+    cmask = c < 3
+    lwt = tl.load(last_w_ptr + img * (3 * WIDTH) + c[:, None] * WIDTH + k[None, :],
+                  mask=cmask[:, None] & kmask[None, :], other=0.0)
+    lb = tl.load(last_b_ptr + img * 3 + c, mask=cmask, other=0.0)
+    if FP16_DOT:
+        o = tl.dot(act.to(tl.float16), tl.trans(lwt.to(tl.float16)))
+    else:
+        o = tl.dot(act, tl.trans(lwt), input_precision="ieee")
+    pix = tl.minimum(tl.maximum((o + lb[None, :]) * 0.5 + 0.5, 0.0), 1.0)
+    pix = tl.where(valid, pix, invalid_value)  # NaN (a runtime argument: no float("nan") in triton code)
+
+    offs = (b.to(tl.int64) * stride_ob + c[None, :].to(tl.int64) * stride_oc
+            + row[:, None].to(tl.int64) * stride_oh + col[:, None].to(tl.int64) * stride_ow)
+    tl.store(out_ptr + offs, pix.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+
+
+_KERNELS: dict[bool, object] = {}
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _kernel(interpret: bool):
+    """The jitted kernel for the current mode; triton.jit reads TRITON_INTERPRET when it wraps."""
+    if interpret not in _KERNELS:
+        _KERNELS[interpret] = triton.jit(_siren_decode_kernel)
+    return _KERNELS[interpret]
+
+
+def padded_width(width: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(width))
+
+
+def default_config(width: int) -> tuple[int, int]:
+    """(pixels per program, warps) by padded width; 128-pixel tiles were the prototype's best at width 32."""
+    wp = padded_width(width)
+    if wp <= 32:
+        return 128, 4
+    if wp <= 64:
+        return 64, 4
+    return 32, 4
+
+
+def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.float32, fast_sin=None,
+                  range_reduce=None, fp16_dot=True, block_pixels=None, num_warps=None) -> torch.Tensor:
+    """Fused-kernel decode; same arguments and result as decode.decode_torch.
+
+    fast_sin: sin.approx.f32 (default on CUDA; not available in the interpreter). range_reduce: reduce sine
+    arguments to [-pi, pi] first (default: with fast_sin). fp16_dot=False runs the matmuls in exact fp32
+    ("ieee") for exactness checks. block_pixels/num_warps override the tile config.
+    """
+    interpret = interpret_mode()
+    device = bank.device
+    if device.type != "cuda" and not interpret:
+        raise InrUsageError(f"the triton decoder needs a CUDA bank (this bank is on {device}); "
+                            "set TRITON_INTERPRET=1 to run it in triton's CPU interpreter")
+    if fast_sin is None:
+        fast_sin = not interpret
+    if fast_sin and interpret:
+        raise InrUsageError("fast_sin (sin.approx.f32 inline PTX) cannot run in triton's interpreter")
+    if range_reduce is None:
+        range_reduce = fast_sin
+    h, w = parse_size(size)
+    idx = prepare_indices(bank, indices)
+    batch = idx.numel()
+    theta = prepare_theta(theta, batch, device)
+    out = prepare_out(out, batch, h, w, dtype, device)
+    if batch == 0:
+        return out
+    arch = bank.arch
+    width = arch.width
+    default_pixels, default_warps = default_config(width)
+    block_pixels = block_pixels or default_pixels
+    num_warps = num_warps or default_warps
+    if block_pixels < MIN_DOT or block_pixels & (block_pixels - 1):
+        raise InrUsageError(f"block_pixels must be a power of two >= {MIN_DOT}, got {block_pixels}")
+    tiles = triton.cdiv(h * w, block_pixels)
+    grid = (batch * tiles,)
+    if grid[0] >= 2 ** 31:
+        raise InrUsageError(f"batch {batch} at {h}x{w} needs {grid[0]} programs; decode fewer images at once")
+    args = (
+        idx, theta if theta is not None else idx, out,
+        bank.first_w, bank.first_b, bank.hidden_w, bank.hidden_scale, bank.hidden_b, bank.last_w, bank.last_b,
+        bank.num_images, h, w, tiles,
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        float(arch.first_w0), float(arch.w0), float("nan"),
+    )
+    meta = _constexprs(width, arch.hidden_layers, block_pixels, theta is not None, fast_sin, range_reduce, fp16_dot)
+    kernel = _kernel(interpret)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta, num_warps=num_warps)
+    else:
+        kernel[grid](*args, **meta)
+    return out
+
+
+def _constexprs(width, hidden_layers, block_pixels, has_theta, fast_sin, range_reduce, fp16_dot) -> dict:
+    return dict(WIDTH=int(width), WP=padded_width(width), NUM_HIDDEN=int(hidden_layers), OUT_PAD=OUT_PAD,
+                BLOCK_P=int(block_pixels), HAS_THETA=bool(has_theta), FAST_SIN=bool(fast_sin),
+                RANGE_REDUCE=bool(range_reduce), FP16_DOT=bool(fp16_dot))
+
+
+_TRITON_TYPES = {"int8": "i8", "float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
+
+
+def compile_for_target(width, hidden_layers, *, capability=90, hidden_dtype="int8", out_dtype="float32",
+                       block_pixels=None, num_warps=None, has_theta=True, fast_sin=True, range_reduce=None,
+                       fp16_dot=True):
+    """Compile the kernel ahead of time for an NVIDIA GPU of `capability` (e.g. 80, 90) without needing one.
+
+    Returns triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata). Used by the tests to check on
+    CPU-only machines that every configuration compiles, and to inspect register use.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    default_pixels, default_warps = default_config(width)
+    meta = _constexprs(width, hidden_layers, block_pixels or default_pixels, has_theta, fast_sin,
+                       fast_sin if range_reduce is None else range_reduce, fp16_dot)
+    signature = {"idx_ptr": "*i64", "theta_ptr": "*fp32", "out_ptr": "*" + _TRITON_TYPES[out_dtype],
+                 "first_w_ptr": "*fp32", "first_b_ptr": "*fp32", "hidden_w_ptr": "*" + _TRITON_TYPES[hidden_dtype],
+                 "hidden_scale_ptr": "*fp32", "hidden_b_ptr": "*fp32", "last_w_ptr": "*fp32", "last_b_ptr": "*fp32",
+                 "num_images": "i32", "out_h": "i32", "out_w": "i32", "tiles_per_image": "i32",
+                 "stride_ob": "i32", "stride_oc": "i32", "stride_oh": "i32", "stride_ow": "i32",
+                 "first_w0": "fp32", "w0": "fp32", "invalid_value": "fp32"}
+    signature.update({name: "constexpr" for name in meta})
+    source = ASTSource(triton.jit(_siren_decode_kernel), signature, constexprs=meta)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps or default_warps})

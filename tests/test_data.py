@@ -1,0 +1,156 @@
+"""inrfmt.open / InrDataset: indexing, batched decode, torch DataLoader compatibility, stats, errors."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import inrfmt
+from inrfmt import data as data_mod
+from inrfmt.bank import TensorBank
+from inrfmt.decode import decode_torch
+from inrfmt.errors import InrFormatError, InrUsageError
+from tests.inrfiles import SMALL_ARCH, random_weights, write_random_inr
+
+MIXED = [(8, 12), (12, 8), (8, 12), (10, 10), (8, 12), (12, 8), (10, 10)]
+
+
+@pytest.fixture(scope="module")
+def uniform_path(tmp_path_factory):
+    return write_random_inr(tmp_path_factory.mktemp("inr") / "uniform.inr", [(8, 12)] * 10, seed=1,
+                            chunk_images=4)
+
+
+@pytest.fixture(scope="module")
+def mixed_path(tmp_path_factory):
+    labels = [0, 1, 2, 0, 1, 2, 0]
+    return write_random_inr(tmp_path_factory.mktemp("inr") / "mixed.inr", MIXED, labels, seed=2,
+                            classes=["cat", "dog", "eel"])
+
+
+def reference_bank(n, sizes, seed):
+    """The same weights, straight from the writer's input (independent of the file reader and the bank loader)."""
+    return TensorBank.from_weight_batch(random_weights(SMALL_ARCH, n, seed), SMALL_ARCH,
+                                        heights=[h for h, _ in sizes], widths=[w for _, w in sizes])
+
+
+def test_open_exposes_file_bank_labels_classes_and_sizes(mixed_path):
+    with inrfmt.open(mixed_path, device="cpu") as ds:
+        assert isinstance(ds, inrfmt.InrDataset) and isinstance(ds, torch.utils.data.Dataset)
+        assert len(ds) == len(MIXED) and ds.file.num_images == len(MIXED)
+        assert ds.bank.num_images == len(MIXED) and ds.device == torch.device("cpu")
+        assert ds.labels.dtype == torch.int64 and ds.labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+        assert ds.classes == ["cat", "dog", "eel"]
+        assert [tuple(s) for s in ds.sizes.tolist()] == MIXED and ds.native_size is None
+        assert ds.arch == SMALL_ARCH
+
+
+def test_default_device_is_cpu_without_cuda(uniform_path):
+    with inrfmt.open(uniform_path) as ds:
+        assert ds.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_getitem_is_the_native_size_decode_with_an_int_label(mixed_path):
+    ref = reference_bank(len(MIXED), MIXED, seed=2)
+    with inrfmt.open(mixed_path, device="cpu") as ds:
+        for i, (h, w) in enumerate(MIXED):
+            image, label = ds[i]
+            assert image.shape == (3, h, w) and image.dtype == torch.float32
+            assert type(label) is int and label == [0, 1, 2, 0, 1, 2, 0][i]
+            torch.testing.assert_close(image, decode_torch(ref, [i], (h, w))[0], atol=1e-6, rtol=0)
+            assert 0.0 <= image.min() and image.max() <= 1.0
+        last, _ = ds[-1]
+        assert torch.equal(last, ds[len(MIXED) - 1][0])
+        with pytest.raises(IndexError):
+            ds[len(MIXED)]
+        with pytest.raises(InrUsageError):
+            ds["0"]
+
+
+def test_decode_is_one_batched_call_and_checks_sizes(mixed_path, monkeypatch):
+    calls = []
+    real = data_mod.decode_batch
+
+    def counting(bank, indices, size, theta=None, **kw):
+        calls.append((len(indices), tuple(size) if not isinstance(size, int) else size))
+        return real(bank, indices, size, theta, **kw)
+
+    monkeypatch.setattr(data_mod, "decode_batch", counting)
+    with inrfmt.open(mixed_path, device="cpu") as ds:
+        got = ds.decode([0, 2, 4])  # all 8x12: native size allowed
+        assert got.shape == (3, 3, 8, 12) and calls == [(3, (8, 12))]
+        assert ds.decode(torch.tensor([1, 5])).shape == (2, 3, 12, 8)
+        with pytest.raises(InrUsageError, match="different native sizes.*pass size="):
+            ds.decode([0, 1])
+        calls.clear()
+        out = ds.decode([0, 1, 3], size=(16, 20), dtype=torch.float16)
+        assert out.shape == (3, 3, 16, 20) and out.dtype == torch.float16 and calls == [(3, (16, 20))]
+        with pytest.raises(InrUsageError, match="out of range"):
+            ds.decode([0, 99])
+
+
+def test_getitems_decodes_once_per_native_size_and_keeps_order(mixed_path, monkeypatch):
+    calls = []
+    real = data_mod.decode_batch
+    monkeypatch.setattr(data_mod, "decode_batch",
+                        lambda bank, idx, size, theta=None, **kw: calls.append(size) or real(bank, idx, size, theta, **kw))
+    with inrfmt.open(mixed_path, device="cpu") as ds:
+        order = [6, 1, 0, 3, 5, 2]
+        items = ds.__getitems__(order)
+        assert len(calls) == 3  # 8x12, 12x8, 10x10
+        for i, (image, label) in zip(order, items):
+            assert image.shape == (3, *MIXED[i]) and label == int(ds.labels[i])
+            torch.testing.assert_close(image, ds[i][0], atol=0, rtol=0)
+
+
+def test_plain_torch_dataloader_works_with_one_decode_per_batch(uniform_path, monkeypatch):
+    calls = []
+    real = data_mod.decode_batch
+    monkeypatch.setattr(data_mod, "decode_batch",
+                        lambda bank, idx, size, theta=None, **kw: calls.append(len(idx)) or real(bank, idx, size, theta, **kw))
+    with inrfmt.open(uniform_path, device="cpu") as ds:
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True)
+        batches = list(loader)
+        assert calls == [4, 4, 2]  # one decode call per batch
+        seen = []
+        for images, labels in batches:
+            assert images.shape == (len(labels), 3, 8, 12) and labels.dtype == torch.int64
+            torch.testing.assert_close(images, ds.decode(labels), atol=0, rtol=0)  # label = image index
+            seen += labels.tolist()
+        assert sorted(seen) == list(range(10)) and seen != list(range(10))
+
+
+def test_stats_reports_bytes_and_load_time(uniform_path):
+    with inrfmt.open(uniform_path, device="cpu") as ds:
+        stats = ds.stats()
+        assert stats["file_bytes"] == os.path.getsize(uniform_path)
+        assert stats["bank_bytes"] == ds.bank.nbytes > 0
+        assert stats["file_bytes_per_image"] == pytest.approx(stats["file_bytes"] / 10)
+        assert stats["bank_bytes_per_image"] == pytest.approx(stats["bank_bytes"] / 10)
+        assert stats["load_seconds"] > 0 and stats["open_seconds"] >= stats["load_seconds"]
+        assert stats["device"] == "cpu" and stats["num_images"] == 10
+
+
+def test_close_and_errors(uniform_path, tmp_path):
+    ds = inrfmt.open(uniform_path, device="cpu")
+    ds.close()
+    with pytest.raises(InrUsageError, match="closed"):
+        ds.decode([0])
+    ds.close()  # idempotent
+    with pytest.raises(InrUsageError, match="no such file"):
+        inrfmt.open(tmp_path / "missing.inr")
+    broken = tmp_path / "broken.inr"
+    broken.write_bytes(b"not an inr file at all" * 10)
+    with pytest.raises(InrFormatError):
+        inrfmt.open(broken, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InrUsageError, match="CUDA is not available"):
+            inrfmt.open(uniform_path, device="cuda")
+
+
+def test_empty_index_lists(uniform_path):
+    with inrfmt.open(uniform_path, device="cpu") as ds:
+        assert ds.__getitems__([]) == []
+        assert ds.decode([], size=4).shape == (0, 3, 4, 4)
+        assert np.array_equal(ds.sizes, np.tile([8, 12], (10, 1)))

@@ -1,0 +1,179 @@
+"""The batched SIREN fit: it learns, images do not interact, masks hold, mixed sizes and orientation are
+right, and the PSNR a file records is what an independent decode of the file gives."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inrfmt import siren
+from inrfmt.encode import (FitBatch, convert, fit_images, fit_psnr, prepare_batch, psnr_against, train_round)
+from inrfmt.format import Architecture, InrFile
+from inrfmt.presets import CIFAR10_RULE, Round
+from inrfmt.quantize import dynamic_ratio, mask_ratio, prune_masks
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+ARCH = Architecture(sine_layers=3, width=16)
+
+
+def sample_images(n, size=None):
+    """Real images from the bundled sample (Fashion-MNIST PNGs), optionally resized."""
+    files = sorted(SAMPLE.glob("*/*.png"))[::7][:n]
+    out = []
+    for f in files:
+        im = Image.open(f).convert("RGB")
+        if size is not None:
+            im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+        out.append(np.asarray(im))
+    return out
+
+
+def photo_crop(h, w):
+    """A real colour photograph (bundled), resized to h x w."""
+    f = sorted((ROOT / "data" / "photos").glob("*/*.jpg"))[0]
+    return np.asarray(Image.open(f).convert("RGB").resize((w, h), Image.Resampling.LANCZOS))
+
+
+def init(n, seed=0):
+    p = siren.init_params(ARCH, n, generator=torch.Generator().manual_seed(seed))
+    return siren.SirenParams(*(t.requires_grad_(True) for t in p))
+
+
+def test_batched_fit_improves_psnr():
+    images = sample_images(6, (16, 16))
+    batch = prepare_batch(images, "cpu")
+    params = init(6)
+    before = fit_psnr(params, batch, ARCH)
+    train_round(params, batch, ARCH, steps=60, lr=5e-3)
+    after = fit_psnr(params, batch, ARCH)
+    assert torch.all(after > before + 5), (before, after)
+    assert float(after.mean()) > 22
+
+
+def test_images_in_a_batch_are_independent():
+    images = sample_images(3, (12, 12))
+    params = init(3, seed=4)
+    alone = siren.SirenParams(*(t.detach()[1:2].clone().requires_grad_(True) for t in params))
+    train_round(params, prepare_batch(images, "cpu"), ARCH, steps=25, lr=5e-3)
+    train_round(alone, prepare_batch(images[1:2], "cpu"), ARCH, steps=25, lr=5e-3)
+    for a, b in zip(params, alone):
+        torch.testing.assert_close(a.detach()[1:2], b.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_mask_holds_through_fine_tune_and_ratio_follows_rule():
+    images = sample_images(5, (14, 14))
+    batch = prepare_batch(images, "cpu")
+    params = init(5, seed=1)
+    train_round(params, batch, ARCH, steps=40, lr=5e-3)
+    psnr = fit_psnr(params, batch, ARCH)
+    ratios = dynamic_ratio(psnr, CIFAR10_RULE)
+    keep = prune_masks(params.hidden_w, ratios)
+    total = ARCH.hidden_layers * ARCH.width ** 2
+    expected = torch.tensor([round(float(r) * total) / total for r in ratios], dtype=torch.float64)
+    torch.testing.assert_close(mask_ratio(keep).double(), expected, rtol=0, atol=1e-7)
+    train_round(params, batch, ARCH, steps=20, lr=1e-3, keep=keep)
+    assert torch.all(params.hidden_w.detach()[~keep] == 0)
+    # the kept weights did train
+    assert float(fit_psnr(params, batch, ARCH).mean()) > float(psnr.mean()) - 1.0
+
+
+def test_fit_images_writes_consistent_result_and_is_deterministic():
+    images = sample_images(4, (12, 12))
+    rounds = (Round(30, 5e-3), Round(10, 1e-3, "fixed", 0.2), Round(10, 1e-3, "dynamic"))
+    rule = CIFAR10_RULE
+    r1 = fit_images(images, ARCH, rounds, prune_rule=rule, quant=8, seed=3, batch_index=7)
+    r2 = fit_images(images, ARCH, rounds, prune_rule=rule, quant=8, seed=3, batch_index=7)
+    r3 = fit_images(images, ARCH, rounds, prune_rule=rule, quant=8, seed=3, batch_index=8)
+    assert np.array_equal(r1.weights.hidden_w, r2.weights.hidden_w) and np.array_equal(r1.psnr, r2.psnr)
+    assert not np.array_equal(r1.weights.first_w, r3.weights.first_w)
+    wb = r1.weights
+    assert wb.hidden_w.dtype == np.int8 and wb.mask is not None
+    assert np.all(wb.hidden_w[~wb.mask] == 0)
+    fixed = round(0.2 * wb.mask[0].size) / wb.mask[0].size
+    assert np.all(r1.prune_ratio >= fixed - 1e-7)  # the fixed 20% round, then the rule (>= 0 for CIFAR)
+    np.testing.assert_allclose(r1.prune_ratio, 1 - wb.mask.reshape(4, -1).mean(1), atol=1e-7)
+    assert r1.img_steps == 4 * 50
+
+
+def test_non_square_and_mixed_sizes_keep_orientation():
+    # Left half red / right half blue, plus a dark top band, on a 10x24 (wide) and a 24x10 (tall) image,
+    # fitted together with a square photo in ONE batch (the padded mixed-size path).
+    def pattern(h, w):
+        im = np.zeros((h, w, 3), np.uint8)
+        im[:, : w // 2, 0] = 230
+        im[:, w // 2:, 2] = 230
+        im[: h // 4] //= 4
+        return im
+
+    images = [pattern(10, 24), pattern(24, 10), photo_crop(12, 12)]
+    batch = prepare_batch(images, "cpu")
+    assert not batch.uniform
+    params = init(3, seed=2)
+    train_round(params, batch, ARCH, steps=150, lr=5e-3)
+    for i, im in enumerate(images[:2]):
+        h, w = im.shape[:2]
+        sub = siren.SirenParams(*(t.detach()[i:i + 1] for t in params))
+        out = siren.to_pixels(siren.forward(sub, siren.pixel_grid(h, w), ARCH))[0].reshape(h, w, 3).numpy()
+        assert out[h // 2:, : w // 2 - 1, 0].mean() > 0.7 and out[h // 2:, : w // 2 - 1, 2].mean() < 0.2
+        assert out[h // 2:, w // 2 + 1:, 2].mean() > 0.7 and out[h // 2:, w // 2 + 1:, 0].mean() < 0.2
+        assert out[: h // 4 - 1].max() < 0.5  # the dark band is on top, not the bottom
+    psnr = fit_psnr(params, batch, ARCH)
+    direct = psnr_against(siren.SirenParams(*(t.detach() for t in params)), images, ARCH)
+    torch.testing.assert_close(psnr, direct, rtol=0, atol=1e-3)  # padding excluded from each image's MSE
+
+
+def test_pixel_subsampling_fits():
+    images = sample_images(4, (16, 16))
+    batch = prepare_batch(images, "cpu")
+    params = init(4, seed=5)
+    before = fit_psnr(params, batch, ARCH)
+    gen = torch.Generator().manual_seed(0)
+    train_round(params, batch, ARCH, steps=80, lr=5e-3, pixel_fraction=0.25, generator=gen)
+    assert torch.all(fit_psnr(params, batch, ARCH) > before + 5)
+
+
+def _independent_psnr(path, originals):
+    """Decode every image of the file with siren.forward on the dequantized weights at its original size."""
+    with InrFile(path) as f:
+        wb = f.read_images(np.arange(f.num_images))
+        index = f.index.copy()
+        arch = f.arch
+    params = siren.SirenParams(*(torch.from_numpy(np.asarray(a, np.float32)) for a in (
+        wb.first_w, wb.first_b, wb.dequantized_hidden(), wb.hidden_b, wb.last_w, wb.last_b)))
+    out = []
+    for i, im in enumerate(originals):
+        h, w = int(index["height"][i]), int(index["width"][i])
+        assert (h, w) == im.shape[:2]
+        sub = siren.SirenParams(*(t[i:i + 1] for t in params))
+        pred = siren.to_pixels(siren.forward(sub, siren.pixel_grid(h, w), arch))[0].reshape(h, w, 3)
+        out.append(float(siren.psnr(pred, torch.tensor(im).float() / 255, dim=(0, 1, 2))))
+    return np.array(out), index
+
+
+@pytest.mark.parametrize("quant,prune,max_side", [(8, True, None), (16, False, 12), (32, True, None)])
+def test_convert_psnr_reproduced_by_independent_decode(tmp_path, quant, prune, max_side):
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    originals = [photo_crop(20, 14), sample_images(1, (16, 16))[0], sample_images(2, (16, 16))[1]]
+    for i, im in enumerate(originals):
+        Image.fromarray(im).save(src / f"img{i}.png")
+    out = tmp_path / "o.inr"
+    summary = convert(tmp_path / "src", out, preset="fast", steps=40, quant=quant, prune=prune,
+                      max_side=max_side, progress=False, reproducible=True)
+    assert summary["num_images"] == 3 and summary["skipped"] == 0
+    psnr, index = _independent_psnr(out, originals)
+    np.testing.assert_allclose(index["psnr"], psnr, atol=0.05)
+    assert psnr.mean() > (18 if max_side is None else 10)  # upsampled from a 12-pixel fit: blurrier
+    with InrFile(out) as f:
+        assert f.hidden_dtype == {8: "int8", 16: "float16", 32: "float32"}[quant]
+        assert f.has_masks == prune
+        meta = f.metadata
+        assert meta["quant"] == str(quant) and meta["max_side"] == ("none" if max_side is None else str(max_side))
+        assert json.loads(meta["skipped"]) == []
+        assert "encode_seconds" not in meta  # reproducible
+    assert list(index["height"]) == [20, 16, 16] and list(index["width"]) == [14, 16, 16]
+    if not prune:
+        assert np.all(index["prune_ratio"] == 0)

@@ -1,0 +1,239 @@
+"""The fused Triton decoder against the torch reference.
+
+On CPU the kernel runs in triton's interpreter: the kernel object is created lazily by triton.jit, which
+reads TRITON_INTERPRET when it wraps the function, so setting the variable with monkeypatch before the first
+call is enough (no subprocess; the CUDA-compiled kernel is cached separately). The ahead-of-time compile
+tests build the real GPU binary (PTX + cubin via triton's bundled ptxas) for sm_80 and sm_90 without a GPU.
+Tests marked `gpu` run the compiled kernel on CUDA (tools/gpu_check.sh).
+"""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from inrfmt import siren  # noqa: E402
+from inrfmt.bank import TensorBank  # noqa: E402
+from inrfmt.decode import decode, decode_torch  # noqa: E402
+from inrfmt.errors import InrUsageError  # noqa: E402
+from inrfmt.format import Architecture  # noqa: E402
+from inrfmt.kernels import siren_decode  # noqa: E402
+from inrfmt.kernels.siren_decode import compile_for_target, decode_triton  # noqa: E402
+
+TOL = 2e-3  # max abs error on [0, 1] pixels (issue 3)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def guarded_bank(sine_layers, width, n, hidden_dtype, seed=0):
+    """A bank whose every tensor is a prefix view of a larger buffer filled with poison after the real data.
+
+    An unmasked read of a padded row/column past the last image (the prototype's width-64 bug) then picks up
+    NaN (float tensors) or 127s (int8) and the comparison with the torch path fails.
+    """
+    arch = Architecture(sine_layers=sine_layers, width=width)
+    params = siren.init_params(arch, n, generator=torch.Generator().manual_seed(seed))
+    bank = TensorBank.from_params(params, arch, hidden_dtype=hidden_dtype)
+    guarded = {}
+    for name in ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b"):
+        t = getattr(bank, name)
+        poison = 127 if t.dtype == torch.int8 else float("nan")
+        buf = torch.full((t.numel() + 64 * 64 * 4,), poison, dtype=t.dtype)
+        buf[:t.numel()] = t.reshape(-1)
+        guarded[name] = buf[:t.numel()].view(t.shape)
+    return TensorBank(arch, labels=bank.labels, heights=bank.heights, widths=bank.widths, **guarded)
+
+
+def random_theta(b, seed):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.zeros(b, 2, 3)
+    scale = 0.5 + torch.rand(b, 2, generator=g)
+    flip = torch.where(torch.rand(b, 2, generator=g) < 0.5, -1.0, 1.0)
+    theta[:, 0, 0] = scale[:, 0] * flip[:, 0]
+    theta[:, 1, 1] = scale[:, 1] * flip[:, 1]
+    theta[:, :, 2] = torch.rand(b, 2, generator=g) - 0.5
+    theta[:, 0, 1] = 0.2 * (torch.rand(b, generator=g) - 0.5)  # a little shear/rotation
+    return theta
+
+
+CASES = [  # sine_layers, width, hidden dtype, size
+    (3, 15, "int8", (8, 8)),
+    (1, 15, "int8", (12, 20)),
+    (10, 28, "int8", (12, 20)),
+    (3, 28, "float16", (8, 8)),
+    (10, 40, "int8", (8, 8)),        # Mini-ImageNet width: padded to 64
+    (3, 40, "float32", (12, 20)),
+    (2, 32, "int8", (5, 7)),
+    (2, 17, "float16", (8, 8)),
+]
+
+
+@pytest.mark.parametrize("sine_layers,width,hidden_dtype,size", CASES)
+def test_interpreted_kernel_matches_torch(interpret, sine_layers, width, hidden_dtype, size):
+    bank = guarded_bank(sine_layers, width, 5, hidden_dtype)
+    idx = [4, 0, 2]  # includes the last image: padded reads past it would hit the poison
+    theta = random_theta(3, seed=width)
+    for th in (None, theta):
+        ref = decode_torch(bank, idx, size, th)
+        fast = decode(bank, idx, size, th, backend="triton")
+        assert fast.shape == ref.shape == (3, 3, *size)
+        assert torch.isfinite(fast).all()
+        assert (fast - ref).abs().max().item() <= TOL
+        exact = decode_triton(bank, idx, size, th, fp16_dot=False)
+        assert (exact - ref).abs().max().item() <= 1e-5
+
+
+def test_range_reduced_sine_path_matches(interpret):
+    # The reduction used before sin.approx on GPU, checked here with tl.sin; theta zooms out so |args| grow.
+    bank = guarded_bank(4, 28, 3, "int8")
+    theta = torch.tensor([[[3.0, 0, 0.5], [0, -3.0, 0]]]).expand(3, 2, 3)
+    ref = decode_torch(bank, [0, 1, 2], (8, 12), theta)
+    got = decode_triton(bank, [0, 1, 2], (8, 12), theta, range_reduce=True, fp16_dot=False)
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_output_dtypes_layouts_and_out_buffer(interpret):
+    bank = guarded_bank(3, 15, 4, "int8")
+    ref = decode_torch(bank, [1, 3], (6, 10))
+    for dtype in (torch.float16, torch.bfloat16):
+        got = decode(bank, [1, 3], (6, 10), backend="triton", dtype=dtype)
+        assert got.dtype == dtype and (got.float() - ref).abs().max().item() <= TOL + 4e-3
+    out = torch.full((2, 3, 6, 10), float("nan")).to(memory_format=torch.channels_last)
+    got = decode(bank, [1, 3], (6, 10), backend="triton", out=out)
+    assert got is out and got.is_contiguous(memory_format=torch.channels_last)
+    assert (got - ref).abs().max().item() <= TOL
+    # Tiles that straddle the end of the image (35 pixels, 16-pixel tiles) and an explicit warp count.
+    got = decode_triton(bank, [3, 1, 1], (5, 7), block_pixels=16, num_warps=2)
+    assert (got - decode_torch(bank, [3, 1, 1], (5, 7))).abs().max().item() <= TOL
+    assert decode(bank, [], 4, backend="triton").shape == (0, 3, 4, 4)
+
+
+def test_usage_errors(interpret, monkeypatch):
+    bank = guarded_bank(2, 15, 2, "int8")
+    with pytest.raises(InrUsageError, match="interpreter"):
+        decode_triton(bank, [0], 4, fast_sin=True)
+    with pytest.raises(InrUsageError, match="block_pixels"):
+        decode_triton(bank, [0], 4, block_pixels=24)
+    with pytest.raises(InrUsageError, match="out of range"):
+        decode(bank, [2], 4, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(InrUsageError, match="CUDA"):
+        decode_triton(bank, [0], 4)
+
+
+def _ptxas_available() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return os.path.exists(get_ptxas(90).path)
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not available")
+@pytest.mark.parametrize("capability,width,hidden,hidden_dtype,out_dtype,fast_sin", [
+    (90, 28, 9, "int8", "float32", True),     # the paper's 10x28 on Hopper: wgmma + sin.approx
+    (90, 40, 9, "int8", "bfloat16", True),    # width 40 padded to 64
+    (80, 15, 2, "float16", "float16", False),  # CIFAR 3x15 on Ampere, libdevice sine
+    (80, 15, 0, "float32", "float32", True),  # no hidden layers
+])
+def test_kernel_compiles_for_gpu_without_one(capability, width, hidden, hidden_dtype, out_dtype, fast_sin):
+    compiled = compile_for_target(width, hidden, capability=capability, hidden_dtype=hidden_dtype,
+                                  out_dtype=out_dtype, fast_sin=fast_sin)
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"]
+    assert ("sin.approx.f32" in ptx) == fast_sin
+    if hidden:
+        assert "mma" in ptx  # tensor-core matmuls, not a scalar loop
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if shutil.which(cuobjdump) or os.path.exists(cuobjdump):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True).stdout
+        assert "LOCAL:0" in usage, usage  # no register spills to local memory
+
+
+# -- on a GPU (tools/gpu_check.sh) -------------------------------------------------------------------
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("sine_layers,width,hidden_dtype", [(10, 28, "int8"), (10, 32, "int8"), (10, 40, "int8"),
+                                                            (3, 15, "int8"), (4, 40, "float16"),
+                                                            (3, 28, "float32"), (1, 15, "int8")])
+@pytest.mark.parametrize("fast_sin", [True, False])
+def test_cuda_kernel_matches_torch(sine_layers, width, hidden_dtype, fast_sin):
+    arch = Architecture(sine_layers=sine_layers, width=width)
+    params = siren.init_params(arch, 64, generator=torch.Generator().manual_seed(1))
+    bank = TensorBank.from_params(params, arch, hidden_dtype=hidden_dtype, device="cuda")
+    idx = torch.randint(0, 64, (48,), device="cuda")
+    theta = random_theta(48, seed=3).cuda()
+    for size in ((32, 32), (84, 84), (61, 97)):
+        for th in (None, theta):
+            ref = decode_torch(bank, idx, size, th)
+            got = decode_triton(bank, idx, size, th, fast_sin=fast_sin)
+            torch.cuda.synchronize()
+            err = (got - ref).abs().max().item()
+            assert err <= TOL, f"{sine_layers}x{width} {hidden_dtype} {size} fast_sin={fast_sin}: {err}"
+    assert decode(bank, idx, 16).data_ptr() != 0  # default backend on CUDA is triton and runs
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_width_64_padding_last_image_and_invalid_index():
+    # The prototype's crash: width 40 padded to 64, reading the last images of an exactly-sized bank.
+    arch = Architecture(sine_layers=10, width=40)
+    params = siren.init_params(arch, 257, generator=torch.Generator().manual_seed(2))
+    bank = TensorBank.from_params(params, arch, device="cuda")
+    idx = torch.arange(257 - 64, 257, device="cuda")
+    got = decode_triton(bank, idx, (84, 84))
+    torch.cuda.synchronize()
+    assert (got - decode_torch(bank, idx, (84, 84))).abs().max().item() <= TOL
+    bad = torch.tensor([0, 257, -1], device="cuda")  # device indices are not range-checked on the host
+    got = decode_triton(bank, bad, 8)
+    torch.cuda.synchronize()
+    assert torch.isfinite(got[0]).all() and torch.isnan(got[1:]).all()
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_channels_last_bf16_and_out_reuse():
+    arch = Architecture(sine_layers=10, width=28)
+    params = siren.init_params(arch, 32, generator=torch.Generator().manual_seed(4))
+    bank = TensorBank.from_params(params, arch, device="cuda")
+    idx = torch.arange(32, device="cuda")
+    ref = decode_torch(bank, idx, 64)
+    out = torch.empty(32, 3, 64, 64, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    got = decode(bank, idx, 64, out=out, dtype=torch.bfloat16)
+    assert got is out
+    assert (got.float() - ref).abs().max().item() <= TOL + 4e-3
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_large_bank_int64_offsets():
+    # N*H*W*W > 2^31 int8 elements: image offsets must not wrap in int32 (2.2 GB of hidden weights).
+    arch = Architecture(sine_layers=10, width=40)
+    n = (2 ** 31) // (9 * 40 * 40) + 1000
+    free, _ = torch.cuda.mem_get_info()
+    if free < 6 * 2 ** 30:
+        pytest.skip("needs ~6 GB of free GPU memory")
+    small = siren.init_params(arch, 2, generator=torch.Generator().manual_seed(5))
+    two = TensorBank.from_params(small, arch, device="cuda")
+    big = {name: getattr(two, name)[:1].expand(n, *getattr(two, name).shape[1:]).contiguous()
+           for name in ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b")}
+    for name in big:  # the last image is image 1 of `two`, every other one image 0
+        big[name][-1] = getattr(two, name)[1]
+    bank = TensorBank(arch, **big)
+    got = decode_triton(bank, torch.tensor([n - 1, 0], device="cuda"), 16)
+    ref = decode_torch(two, torch.tensor([1, 0], device="cuda"), 16)
+    torch.cuda.synchronize()
+    assert (got - ref).abs().max().item() <= TOL

@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Decode and load benchmarks for inrfmt, as JSON.
+
+Cases (issue 3 targets in brackets, on a GPU): 10x28 and 10x32 at 224^2 [>=150k img/s], 10x40 at 84^2 and
+224^2 [>=60k at 224^2], 3x15 at 32^2 [>=10M img/s]; max abs error of each backend against the fp32 torch
+path [<=2e-3]; load GB/s of a synthetic .inr file into a TensorBank [>=2 GB/s] and bank/file bytes per image
+[<=1.1]. Banks hold random SIREN-initialised weights (int8 hidden layers, like a converted file).
+
+On CUDA every case times the torch path, the triton kernel's default config and a small sweep of tile
+configs (and the libdevice sine), so the best config can be read off one run. --quick runs tiny sizes on
+CPU (the triton backend only under TRITON_INTERPRET=1).
+
+    python tools/bench_decode.py [--quick] [--device cuda] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from inrfmt import siren  # noqa: E402
+from inrfmt.bank import TensorBank  # noqa: E402
+from inrfmt.decode import available_backends, benchmark, device_name  # noqa: E402
+from inrfmt.format import Architecture, InrFile, InrWriter, WeightBatch  # noqa: E402
+
+FULL_CASES = [  # (sine_layers, width, size, batch)
+    (10, 28, 224, 256),
+    (10, 32, 224, 256),
+    (10, 40, 84, 256),
+    (10, 40, 224, 256),
+    (3, 15, 32, 4096),
+]
+QUICK_CASES = [
+    (10, 28, 16, 8),
+    (10, 40, 12, 8),
+    (3, 15, 8, 16),
+]
+# (block_pixels, num_warps, fast_sin, range_reduce) variants timed besides the default config on CUDA.
+SWEEP = [
+    (64, 4, True, True),
+    (128, 4, True, True),
+    (128, 8, True, True),
+    (256, 8, True, True),
+    (None, None, True, False),   # default tiles, sin.approx without range reduction
+    (None, None, False, False),  # default tiles, libdevice sine
+]
+
+
+def random_bank(sine_layers, width, n, device, seed=0):
+    arch = Architecture(sine_layers=sine_layers, width=width)
+    params = siren.init_params(arch, n, generator=torch.Generator().manual_seed(seed))
+    return TensorBank.from_params(params, arch, hidden_dtype="int8", device=device)
+
+
+def time_triton_variant(bank, size, batch, block_pixels, num_warps, fast_sin, range_reduce, min_seconds):
+    from inrfmt.decode import decode_torch
+    from inrfmt.kernels.siren_decode import decode_triton
+
+    device = bank.device
+    idx = torch.randint(0, bank.num_images, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
+    out = torch.empty(batch, 3, size, size, device=device)
+    kwargs = dict(out=out, fast_sin=fast_sin, range_reduce=range_reduce, block_pixels=block_pixels,
+                  num_warps=num_warps)
+    decode_triton(bank, idx, size, **kwargs)
+    torch.cuda.synchronize()
+    err = (out - decode_torch(bank, idx, size)).abs().max().item()
+    iters, start = 0, time.perf_counter()
+    while True:
+        for _ in range(4):
+            decode_triton(bank, idx, size, **kwargs)
+        iters += 4
+        torch.cuda.synchronize()
+        if time.perf_counter() - start >= min_seconds or iters >= 2000:
+            break
+    seconds = time.perf_counter() - start
+    return {"block_pixels": block_pixels, "num_warps": num_warps, "fast_sin": fast_sin,
+            "range_reduce": range_reduce, "img_per_s": iters * batch / seconds, "max_abs_err_vs_torch": err}
+
+
+def decode_cases(device, cases, min_seconds, sweep):
+    rows = []
+    for sine_layers, width, size, batch in cases:
+        bank = random_bank(sine_layers, width, max(1024, batch), device)
+        t0 = time.perf_counter()
+        result = benchmark(bank, size, batch, min_seconds=min_seconds)
+        for name, stats in result["backends"].items():
+            rows.append({"arch": f"{sine_layers}x{width}", "size": f"{size}x{size}", "batch": batch,
+                         "backend": name, "config": "default", **stats})
+        if sweep and device.type == "cuda" and "triton" in available_backends(bank):
+            for variant in SWEEP:
+                try:
+                    stats = time_triton_variant(bank, size, batch, *variant, min_seconds=min_seconds / 2)
+                except Exception as exc:  # a config that fails to compile or run is reported, not fatal
+                    stats = {"variant": list(variant), "error": f"{type(exc).__name__}: {exc}"}
+                rows.append({"arch": f"{sine_layers}x{width}", "size": f"{size}x{size}", "batch": batch,
+                             "backend": "triton", "config": "sweep", **stats})
+        print(f"  {sine_layers}x{width} @ {size}^2: " + ", ".join(
+            f"{r['backend']}/{r['config']} {r.get('img_per_s', float('nan')):,.0f} img/s"
+            for r in rows if r["arch"] == f"{sine_layers}x{width}" and r["size"] == f"{size}x{size}")
+              + f" ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        del bank
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def write_synthetic_inr(path, sine_layers, width, n, prune, seed=0):
+    """Random int8 SIREN weights with `prune` of the hidden weights masked out, written in chunks."""
+    arch = Architecture(sine_layers=sine_layers, width=width)
+    rng = np.random.default_rng(seed)
+    h, total = arch.hidden_layers, arch.hidden_layers * width * width
+    with InrWriter(path, arch, hidden_dtype="int8", has_masks=prune > 0, chunk_images=1024) as writer:
+        for start in range(0, n, 2048):
+            m = min(2048, n - start)
+            p = siren.init_params(arch, m, generator=torch.Generator().manual_seed(seed + start))
+            hidden = p.hidden_w.numpy()
+            mask = rng.random(hidden.shape) >= prune if prune > 0 else None
+            if mask is not None:
+                hidden = hidden * mask
+            scale = np.abs(hidden).max(axis=(-2, -1)) / 127.0
+            scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+            q = np.clip(np.round(hidden / scale[:, :, None, None]), -127, 127).astype(np.int8)
+            wb = WeightBatch(first_w=p.first_w.numpy(), first_b=p.first_b.numpy(), hidden_w=q, hidden_scale=scale,
+                             hidden_b=p.hidden_b.numpy(), last_w=p.last_w.numpy(), last_b=p.last_b.numpy(),
+                             mask=mask)
+            ratio = 1 - mask.reshape(m, -1).sum(1) / total if mask is not None else np.zeros(m)
+            writer.add(wb, labels=rng.integers(0, 1000, m), heights=np.full(m, 224), widths=np.full(m, 224),
+                       psnr=np.full(m, 30.0), prune_ratio=ratio)
+
+
+def load_case(device, sine_layers, width, n, prune, workdir):
+    path = os.path.join(workdir, f"bench_{sine_layers}x{width}_{n}.inr")
+    t0 = time.perf_counter()
+    write_synthetic_inr(path, sine_layers, width, n, prune)
+    write_seconds = time.perf_counter() - t0
+    rows = []
+    with InrFile(path) as f:
+        file_bytes = f.file_bytes
+        TensorBank.from_file(f, device)  # warm-up: page cache, CUDA context, allocator
+        # On CUDA, also the host-side bitmap expansion (InrFile.read_chunk) for comparison.
+        for expand in ((None, False) if device.type == "cuda" else (None,)):
+            bank = TensorBank.from_file(f, device, expand_on_device=expand)
+            rows.append({"arch": f"{sine_layers}x{width}", "images": n, "prune": prune,
+                         "path": "default" if expand is None else "host-expansion",
+                         "file_bytes": file_bytes, "bank_bytes": bank.nbytes, "load_seconds": bank.load_seconds,
+                         "load_gb_per_s": file_bytes / bank.load_seconds / 1e9,
+                         "bank_over_file_bytes": bank.nbytes / file_bytes, "write_seconds": write_seconds,
+                         "note": "file in page cache (just written); random int8 weights"})
+            print(f"  load {sine_layers}x{width} x{n} ({rows[-1]['path']}): {rows[-1]['load_gb_per_s']:.2f} GB/s, "
+                  f"bank/file {rows[-1]['bank_over_file_bytes']:.3f}", file=sys.stderr)
+            del bank
+    os.remove(path)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
+    ap.add_argument("--seconds", type=float, default=None, help="timing window per measurement")
+    ap.add_argument("--no-sweep", action="store_true", help="only the default triton config")
+    ap.add_argument("--load-images", type=int, default=None, help="images in the synthetic load-test file")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = args.quick
+    min_seconds = args.seconds if args.seconds is not None else (0.1 if quick else 0.5)
+    result = {
+        "tool": "tools/bench_decode.py",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "quick": quick,
+        "decode": [],
+        "load": [],
+    }
+    try:
+        import triton
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+    if device.type == "cuda":
+        result["cuda"] = torch.version.cuda
+        result["capability"] = list(torch.cuda.get_device_capability(device))
+    print(f"bench_decode on {result['device']}", file=sys.stderr)
+    result["decode"] = decode_cases(device, QUICK_CASES if quick else FULL_CASES, min_seconds,
+                                    sweep=not args.no_sweep)
+    n_load = args.load_images or (300 if quick else 20000)
+    with tempfile.TemporaryDirectory(prefix="inrfmt-bench-") as workdir:
+        for sine_layers, width, prune in ([(10, 28, 0.2), (3, 15, 0.15)] if not quick else [(10, 28, 0.2)]):
+            result["load"].extend(load_case(device, sine_layers, width, n_load, prune, workdir))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Encode-speed benchmark: img·steps/s and PSNR of the batched SIREN fit, one JSON object per config.
+
+    python tools/bench_encode.py                       # CPU, small scale (a minute or so on 2 cores)
+    python tools/bench_encode.py --device cuda --gpu   # the issue's GPU configs (CIFAR-10 net @ 32^2,
+                                                       # 10x28 @ 224^2 fp32 / TF32 / TF32 + 25% pixels)
+    python tools/bench_encode.py --device cuda --config 10x28@224:32:800 --tf32 --pixel-fraction 0.25 --compile
+
+Images are crops of the bundled real photographs (data/photos), Lanczos-resized. Each config times one
+plain fitting round (Adam, cosine decay, MSE) with `inrfmt.encode.train_round`, after a few warm-up steps,
+with the device synchronised around the timed region; PSNR is measured over every pixel at the end.
+Output: JSON lines with device, date, torch version, arch, size, batch, steps, pixel_fraction, tf32,
+compile, img_steps_per_s, psnr_mean, psnr_p10.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from inrfmt import siren  # noqa: E402
+from inrfmt.encode import _per_image_loss, fit_psnr, prepare_batch, train_round  # noqa: E402
+from inrfmt.format import Architecture  # noqa: E402
+
+CPU_CONFIGS = ["3x15@32:64:300", "3x16@28:64:300", "10x28@64:4:100"]
+GPU_CONFIGS = ["3x15@32:8192:1000", "10x28@224:32:800"]
+
+
+def photo_crops(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """n random square crops of the bundled photographs, resized to size x size."""
+    photos = [Image.open(p).convert("RGB") for p in sorted((ROOT / "data" / "photos").glob("*/*.jpg"))]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        w, h = im.size
+        side = int(rng.integers(min(w, h) // 4, min(w, h) + 1))
+        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        out.append(np.asarray(im.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.LANCZOS)))
+    return out
+
+
+def parse_config(text: str):
+    """"SxW@SIZE:BATCH:STEPS" -> (Architecture, size, batch, steps)."""
+    arch_s, rest = text.split("@")
+    s, w = (int(v) for v in arch_s.lower().split("x"))
+    size, batch, steps = (int(v) for v in rest.split(":"))
+    return Architecture(sine_layers=s, width=w), size, batch, steps
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(config: str, device: torch.device, lr: float, pixel_fraction: float, tf32: bool, compile_: bool,
+        warmup: int = 5) -> dict:
+    arch, size, batch, steps = parse_config(config)
+    images = photo_crops(batch, size)
+    fit = prepare_batch(images, device)
+    params = siren.init_params(arch, batch, generator=torch.Generator().manual_seed(0), device=device)
+    params = siren.SirenParams(*(t.requires_grad_(True) for t in params))
+    gen = torch.Generator(device=device).manual_seed(1) if pixel_fraction < 1 else None
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    result = {"config": config, "arch": f"{arch.sine_layers}x{arch.width}", "size": size, "batch": batch,
+              "steps": steps, "lr": lr, "pixel_fraction": pixel_fraction, "tf32": tf32, "compile": compile_}
+    try:
+        loss = torch.compile(_per_image_loss, dynamic=False) if compile_ else None
+        # Warm-up on a throwaway copy (allocator, kernels, compilation), then the timed fit from init.
+        scratch = siren.SirenParams(*(t.detach().clone().requires_grad_(True) for t in params))
+        train_round(scratch, fit, arch, steps=warmup, lr=lr, pixel_fraction=pixel_fraction, generator=gen,
+                    compiled_loss=loss)
+        sync(device)
+        t0 = time.perf_counter()
+        train_round(params, fit, arch, steps=steps, lr=lr, pixel_fraction=pixel_fraction, generator=gen,
+                    compiled_loss=loss)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        psnr = fit_psnr(params, fit, arch).cpu().numpy()
+        result.update(seconds=round(seconds, 3), img_steps_per_s=round(batch * steps / seconds, 1),
+                      psnr_mean=round(float(psnr.mean()), 2), psnr_p10=round(float(np.percentile(psnr, 10)), 2))
+    except Exception as e:  # e.g. torch.compile unavailable: report it, keep benchmarking
+        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--config", action="append", help="SxW@SIZE:BATCH:STEPS (repeatable)")
+    ap.add_argument("--gpu", action="store_true", help="the issue's GPU configs, each in fp32 / TF32 / TF32+25%% pixels")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--pixel-fraction", type=float, default=1.0)
+    ap.add_argument("--tf32", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the loss (forward) function")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("CUDA is not available")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    header = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    runs = []
+    if args.gpu:
+        for cfg in GPU_CONFIGS:
+            runs += [(cfg, 1.0, False, False), (cfg, 1.0, True, False), (cfg, 0.25, True, False)]
+            if args.compile:
+                runs.append((cfg, 0.25, True, True))
+    else:
+        for cfg in args.config or CPU_CONFIGS:
+            runs.append((cfg, args.pixel_fraction, args.tf32, args.compile))
+    for cfg, frac, tf32, comp in runs:
+        res = run(cfg, device, args.lr, frac, tf32 and device.type == "cuda", comp)
+        print(json.dumps({**header, **res}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
