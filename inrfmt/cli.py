@@ -257,7 +257,7 @@ def export(file, outdir, fmt, size, limit, device, overwrite):
 
     _open_file(file).close()
     result = run_export(file, outdir, format=fmt, size=size, limit=limit, device=device, overwrite=overwrite)
-    click.echo(f"exported to {outdir}" + (f": {result}" if result is not None else ""), err=True)
+    click.echo(f"exported {result['images']} images to {result['output']}", err=True)
 
 
 # ------------------------------------------------------------------------------------------------- bench

@@ -879,8 +879,16 @@ def _encode(source, target: Path, preset: Preset, schedule, settings: dict, sett
     return summary
 
 
+def _rate_unit() -> str:
+    try:  # "img·steps/s" where stderr can show it (a C-locale terminal may not)
+        "·".encode(getattr(sys.stderr, "encoding", None) or "ascii")
+        return "img·steps/s"
+    except (UnicodeEncodeError, LookupError):
+        return "img-steps/s"
+
+
 def _postfix(rate: float, psnr_sum: float, psnr_count: int, extra: str = "") -> str:
-    text = f"{rate:,.0f} img·steps/s"
+    text = f"{rate:,.0f} {_rate_unit()}"
     if psnr_count:
         text += f", PSNR {psnr_sum / psnr_count:.2f} dB"
     return text + (f", {extra}" if extra else "")

@@ -177,3 +177,20 @@ def test_convert_psnr_reproduced_by_independent_decode(tmp_path, quant, prune, m
     assert list(index["height"]) == [20, 16, 16] and list(index["width"]) == [14, 16, 16]
     if not prune:
         assert np.all(index["prune_ratio"] == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_convert_matches_cpu_decode_and_is_deterministic(tmp_path):
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    originals = [photo_crop(24, 16), sample_images(1, (20, 20))[0]]
+    for i, im in enumerate(originals):
+        Image.fromarray(im).save(src / f"img{i}.png")
+    outs = [tmp_path / "a.inr", tmp_path / "b.inr"]
+    for out in outs:  # TF32 + pixel subsampling + fused Adam: the GPU path
+        convert(tmp_path / "src", out, preset="fast", steps=60, device="cuda", pixel_fraction=0.5, tf32=True,
+                progress=False, reproducible=True)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    psnr, index = _independent_psnr(outs[0], originals)
+    np.testing.assert_allclose(index["psnr"], psnr, atol=0.05)
+    assert psnr.mean() > 15
