@@ -72,6 +72,8 @@ PART_PREFIX = "part-"
 SETTINGS_NAME = "settings.json"
 # Pixels evaluated per forward pass when measuring PSNR (bounds memory for large originals).
 EVAL_PIXELS_PER_PASS = 1 << 22
+# Fitting images above this many pixels (without --max-side) gets a one-time hint.
+LARGE_FIT_PIXELS = 1024 * 1024
 
 
 # ============================================================================================ fitting
@@ -778,6 +780,7 @@ def _encode(source, target: Path, preset: Preset, schedule, settings: dict, sett
                 futures[b] = pool.submit(_load_batch, source, *ranges[b], max_side)
 
         submit(0)
+        warned_large = False
         for pos, b in enumerate(todo):
             loaded = futures.pop(b).result()
             submit(pos + 1)  # the next batch loads while this one fits
@@ -793,6 +796,12 @@ def _encode(source, target: Path, preset: Preset, schedule, settings: dict, sett
                     raise InrUsageError(f"bad image {key} in {where}: {reason} (stopped by --on-error fail; "
                                         f"{kept}; --on-error skip skips such files)")
                 tqdm.write(f"inrfmt: warning: skipping {key}: {reason}", file=sys.stderr)
+            big = [g for g in loaded.good if g[4].shape[0] * g[4].shape[1] > LARGE_FIT_PIXELS]
+            if big and not warned_large:
+                h, w = big[0][4].shape[:2]
+                tqdm.write(f"inrfmt: warning: {big[0][1]} is fitted at {w}x{h}; large images fit slowly and "
+                           f"need much memory: consider --max-side (e.g. 256)", file=sys.stderr)
+                warned_large = True
             t0 = time.perf_counter()
             result = None
             if loaded.good:

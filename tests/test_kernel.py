@@ -71,8 +71,20 @@ CASES = [  # sine_layers, width, hidden dtype, size
     (10, 40, "int8", (8, 8)),        # Mini-ImageNet width: padded to 64
     (3, 40, "float32", (12, 20)),
     (2, 32, "int8", (5, 7)),
-    (2, 17, "float16", (8, 8)),
+    (2, 17, "float16", (8, 8)),       # held as 16 + 16 units
+    (3, 48, "int8", (6, 6)),          # 32 + 16 exactly
 ]
+
+
+def test_width_blocks():
+    from inrfmt.kernels.siren_decode import width_blocks
+
+    assert width_blocks(40) == (32, 16) and width_blocks(40, split=False) == (64, 0)
+    assert width_blocks(28) == (32, 0) and width_blocks(15) == (16, 0) and width_blocks(32) == (32, 0)
+    assert width_blocks(48) == (32, 16) and width_blocks(17) == (32, 0) and width_blocks(80) == (64, 16)
+    for w in range(1, 300):
+        wa, wb = width_blocks(w)
+        assert wa + wb >= w and wa >= 16 and (wb == 0 or wb >= 16)
 
 
 @pytest.mark.parametrize("sine_layers,width,hidden_dtype,size", CASES)
@@ -88,6 +100,9 @@ def test_interpreted_kernel_matches_torch(interpret, sine_layers, width, hidden_
         assert (fast - ref).abs().max().item() <= TOL
         exact = decode_triton(bank, idx, size, th, fp16_dot=False)
         assert (exact - ref).abs().max().item() <= 1e-5
+    # The single padded block (the prototype's layout) gives the same pixels as the split one.
+    unsplit = decode_triton(bank, idx, size, theta, split_width=False, fp16_dot=False)
+    assert (unsplit - decode_torch(bank, idx, size, theta)).abs().max().item() <= 1e-5
 
 
 def test_range_reduced_sine_path_matches(interpret):
@@ -138,14 +153,15 @@ def _ptxas_available() -> bool:
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not available")
 @pytest.mark.parametrize("capability,width,hidden,hidden_dtype,out_dtype,fast_sin", [
+    (80, 40, 9, "int8", "float32", True),     # width 40 padded to one block of 64 (split_width=False)
     (90, 28, 9, "int8", "float32", True),     # the paper's 10x28 on Hopper: wgmma + sin.approx
-    (90, 40, 9, "int8", "bfloat16", True),    # width 40 padded to 64
+    (90, 40, 9, "int8", "bfloat16", True),    # width 40 held as 32 + 16
     (80, 15, 2, "float16", "float16", False),  # CIFAR 3x15 on Ampere, libdevice sine
     (80, 15, 0, "float32", "float32", True),  # no hidden layers
 ])
 def test_kernel_compiles_for_gpu_without_one(capability, width, hidden, hidden_dtype, out_dtype, fast_sin):
     compiled = compile_for_target(width, hidden, capability=capability, hidden_dtype=hidden_dtype,
-                                  out_dtype=out_dtype, fast_sin=fast_sin)
+                                  out_dtype=out_dtype, fast_sin=fast_sin, split_width=capability == 90)
     ptx = compiled.asm["ptx"]
     assert compiled.asm["cubin"]
     assert ("sin.approx.f32" in ptx) == fast_sin

@@ -50,11 +50,12 @@ def plan(name: str, results: Path) -> dict:
     work = "bench_out/" + name
     res = os.path.relpath(results, REPO)
     if name == "cpu":
-        train_common = ["--data", "data/sample", "--min-images", "256", "--size", "32", "--model", "resnet18",
-                        "--batch-size", "32",
-                        "--steps", "8", "--warmup", "2", "--device", "cpu", "--encode-steps", "50",
-                        "--work", f"{work}/train", "--out", f"{res}/train.jsonl"]
-        data_only = ["--data-only", "--batch-size", "64", "--steps", "30"]
+        # 256 images (the 200 of the sample, cycled) at 32x32: one JPEG tree and one .inr file for every run;
+        # the .inr is encoded with few steps, since decode cost does not depend on how well it was fitted
+        base = ["--data", "data/sample", "--min-images", "256", "--size", "32", "--model", "resnet18",
+                "--device", "cpu", "--encode-steps", "50", "--work", f"{work}/train", "--out", f"{res}/train.jsonl"]
+        train_common = base + ["--batch-size", "32", "--steps", "4", "--warmup", "1"]
+        data_only = base + ["--data-only", "--batch-size", "64", "--steps", "30", "--warmup", "2"]
         return {
             "device": "cpu",
             "rd": [["data/photos", "--square", "32", "--crops", "10", "--presets", "fast", "--device", "cpu",
@@ -63,7 +64,17 @@ def plan(name: str, results: Path) -> dict:
                           "--device", "cpu", "--work", f"{work}/accuracy", "--out", f"{res}/accuracy.json"]],
             "train": train_runs(train_common, [("gpu-raw", None), ("inr", None), ("torch", 1), ("torch", 2),
                                                ("nvjpeg", None), ("dali", 1)])
-            + train_runs(train_common + data_only, [("gpu-raw", None), ("inr", None), ("torch", 1), ("torch", 2)]),
+            + train_runs(data_only, [("gpu-raw", None), ("inr", None), ("torch", 1), ("torch", 2)]),
+        }
+    if name == "cpu-extended":
+        if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+            raise ToolError(f"--cpu-extended needs Fashion-MNIST in {FASHION_MNIST} "
+                            f"(apt-get install dataset-fashion-mnist)")
+        return {
+            "device": "cpu", "rd": [], "train": [],
+            "accuracy": [["--fashion-mnist", str(FASHION_MNIST), "--max-train", "2000", "--max-test", "1000",
+                          "--model", "small", "--epochs", "10", "--repeats", "2", "--device", "cpu",
+                          "--work", f"{work}/accuracy", "--out", f"{res}/accuracy.json"]],
         }
     if name == "gpu":
         if (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
@@ -275,19 +286,34 @@ def summary_markdown(bundle: dict) -> str:
     acc = bundle.get("accuracy")
     if acc:
         drop = acc["accuracy_drop_points"]
-        lines.append(f"- Accuracy ({acc['dataset']}, {acc['train_images']} training images): original "
-                     f"{100 * acc['original']['test_accuracy']:.1f} %, decoded .inr {100 * acc['inr']['test_accuracy']:.1f} % "
-                     f"— drop {drop:+.1f} points ({'met' if drop <= 2 else 'NOT met'}: target ≤ 2).")
-    rows = [r for r in bundle.get("train", []) if r.get("status") == "ok" and r.get("mode", "train") == "train"]
-    sizes = sorted({(r["size"], r["model"]) for r in rows})
-    for size, model in sizes:
-        ok = {run_key(r): r for r in rows if (r["size"], r["model"]) == (size, model)}
+        spread = ""
+        if acc["recipe"]["repeats"] > 1:
+            spread = (f"; run-to-run std {100 * acc['original']['test_accuracy_std']:.1f} / "
+                      f"{100 * acc['inr']['test_accuracy_std']:.1f} points over {acc['recipe']['repeats']} runs each")
+        lines.append(f"- Accuracy ({acc['dataset']}, {acc['train_images']} training / {acc['test_images']} test "
+                     f"images): original {100 * acc['original']['test_accuracy']:.1f} %, decoded .inr "
+                     f"{100 * acc['inr']['test_accuracy']:.1f} % at {acc['inr_file']['bytes_per_image']:.0f} B/image "
+                     f"and {acc['inr_file']['psnr_mean']:.1f} dB — drop {drop:+.1f} points "
+                     f"({'met' if drop <= 2 else 'NOT met'}: target ≤ 2{spread}).")
+    rows = [r for r in bundle.get("train", []) if r.get("status") == "ok"]
+    for key in sorted({(r["size"], r["model"], r.get("mode", "train")) for r in rows}, key=str):
+        size, model, mode = key
+        ok = {run_key(r): r for r in rows if (r["size"], r["model"], r.get("mode", "train")) == key}
         inr, raw, t1 = ok.get("inr"), ok.get("gpu-raw"), ok.get("torch (1 worker)")
         if inr and raw and t1:
             a, b = inr["img_per_s"] / raw["img_per_s"], inr["img_per_s"] / t1["img_per_s"]
-            lines.append(f"- Training speed ({model}, {size}x{size}, {inr['env'].get('gpu') or inr['env'].get('device')}): "
-                         f"inr = {a:.2f} × gpu-raw ({'met' if a >= 0.9 else 'NOT met'}: target ≥ 0.9), "
-                         f"{b:.2f} × torch with 1 worker ({'met' if b >= 6 else 'NOT met'}: target ≥ 6).")
+            dev = inr["env"].get("gpu") or inr["env"].get("device")
+            what = "training" if mode == "train" else "input pipeline alone"
+            line = (f"- Training speed, {what} ({model}, {size}x{size}, {dev}): inr {inr['img_per_s']:,.0f} img/s = "
+                    f"{a:.2f} × gpu-raw, {b:.2f} × torch with 1 worker")
+            if mode == "train":
+                line += (f" (targets ≥ 0.9 × gpu-raw: {'met' if a >= 0.9 else 'NOT met'}; ≥ 6 × torch 1 worker: "
+                         f"{'met' if b >= 6 else 'NOT met'})")
+            lines.append(line + ".")
+            if mode == "train" and dev == "cpu":
+                lines.append("  On CPU the training step is bound by ResNet-18 itself (tens of img/s), so every "
+                             "pipeline trains at the same rate up to the noise of this shared machine; the "
+                             "targets are GPU targets, and the input-pipeline-alone rows compare the pipelines.")
     if bundle.get("failures"):
         lines.append(f"- {len(bundle['failures'])} tool run(s) failed: "
                      + "; ".join(f"`{f['command']}` (exit {f['exit']})" for f in bundle["failures"]) + ".")
@@ -333,6 +359,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--cpu", action="store_true", help="the CPU-sized plan (make bench)")
+    mode.add_argument("--cpu-extended", action="store_true",
+                      help="a longer CPU accuracy run on 2000/1000 Fashion-MNIST images (~10 min on 1 core)")
     mode.add_argument("--gpu", action="store_true", help="the GPU-sized plan (needs CUDA)")
     mode.add_argument("--render", metavar="BUNDLE", help="rebuild plots and tables from a bench_all.json")
     p.add_argument("--results", help="output folder (default bench_results/<plan>)")
@@ -361,7 +389,7 @@ def main(argv=None) -> int:
         tags = render(bundle, results, md)
         print(f"bench_all: rendered {', '.join(tags) or 'nothing'}", file=sys.stderr)
         return 0
-    name = "cpu" if args.cpu else "gpu"
+    name = "cpu" if args.cpu else "cpu-extended" if args.cpu_extended else "gpu"
     if name == "gpu":
         import torch
         if not torch.cuda.is_available():

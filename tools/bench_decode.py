@@ -45,14 +45,15 @@ QUICK_CASES = [
     (10, 40, 12, 8),
     (3, 15, 8, 16),
 ]
-# (block_pixels, num_warps, fast_sin, range_reduce) variants timed besides the default config on CUDA.
+# Kernel variants timed besides the default config on CUDA (None = the default for that option).
 SWEEP = [
-    (64, 4, True, True),
-    (128, 4, True, True),
-    (128, 8, True, True),
-    (256, 8, True, True),
-    (None, None, True, False),   # default tiles, sin.approx without range reduction
-    (None, None, False, False),  # default tiles, libdevice sine
+    dict(block_pixels=64, num_warps=4),
+    dict(block_pixels=128, num_warps=4),
+    dict(block_pixels=128, num_warps=8),
+    dict(block_pixels=256, num_warps=8),
+    dict(range_reduce=False),             # sin.approx without range reduction
+    dict(fast_sin=False),                 # libdevice sine
+    dict(split_width=False),              # one padded power-of-two block (differs for width 40 only)
 ]
 
 
@@ -62,29 +63,31 @@ def random_bank(sine_layers, width, n, device, seed=0):
     return TensorBank.from_params(params, arch, hidden_dtype="int8", device=device)
 
 
-def time_triton_variant(bank, size, batch, block_pixels, num_warps, fast_sin, range_reduce, min_seconds):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_triton_variant(bank, size, batch, variant, min_seconds):
     from inrfmt.decode import decode_torch
     from inrfmt.kernels.siren_decode import decode_triton
 
     device = bank.device
     idx = torch.randint(0, bank.num_images, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
     out = torch.empty(batch, 3, size, size, device=device)
-    kwargs = dict(out=out, fast_sin=fast_sin, range_reduce=range_reduce, block_pixels=block_pixels,
-                  num_warps=num_warps)
-    decode_triton(bank, idx, size, **kwargs)
-    torch.cuda.synchronize()
+    decode_triton(bank, idx, size, out=out, **variant)
+    sync(device)
     err = (out - decode_torch(bank, idx, size)).abs().max().item()
     iters, start = 0, time.perf_counter()
     while True:
         for _ in range(4):
-            decode_triton(bank, idx, size, **kwargs)
+            decode_triton(bank, idx, size, out=out, **variant)
         iters += 4
-        torch.cuda.synchronize()
+        sync(device)
         if time.perf_counter() - start >= min_seconds or iters >= 2000:
             break
     seconds = time.perf_counter() - start
-    return {"block_pixels": block_pixels, "num_warps": num_warps, "fast_sin": fast_sin,
-            "range_reduce": range_reduce, "img_per_s": iters * batch / seconds, "max_abs_err_vs_torch": err}
+    return {"variant": variant, "img_per_s": iters * batch / seconds, "max_abs_err_vs_torch": err}
 
 
 def decode_cases(device, cases, min_seconds, sweep):
@@ -98,10 +101,12 @@ def decode_cases(device, cases, min_seconds, sweep):
                          "backend": name, "config": "default", **stats})
         if sweep and device.type == "cuda" and "triton" in available_backends(bank):
             for variant in SWEEP:
+                if "split_width" in variant and width != 40:
+                    continue
                 try:
-                    stats = time_triton_variant(bank, size, batch, *variant, min_seconds=min_seconds / 2)
+                    stats = time_triton_variant(bank, size, batch, variant, min_seconds=min_seconds / 2)
                 except Exception as exc:  # a config that fails to compile or run is reported, not fatal
-                    stats = {"variant": list(variant), "error": f"{type(exc).__name__}: {exc}"}
+                    stats = {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}
                 rows.append({"arch": f"{sine_layers}x{width}", "size": f"{size}x{size}", "batch": batch,
                              "backend": "triton", "config": "sweep", **stats})
         print(f"  {sine_layers}x{width} @ {size}^2: " + ", ".join(

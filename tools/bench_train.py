@@ -22,7 +22,8 @@ normalisation to [-1, 1] — so the only difference between runs is where and ho
 Images are first brought to --size x --size (centre square crop, Lanczos) so every pipeline sees the same
 pixels; the JPEG tree and the .inr file (when --inr is not given) are built once in --work and reused.
 Throughput = images per second over --steps steps after --warmup steps, with the device synchronised at
-both ends; the epoch time is the images per epoch divided by that rate. One JSON line per run on stdout
+both ends, measured in --repeats such windows and the best one reported (the median and every window are
+in the JSON too); the epoch time is the images per epoch divided by that rate. One JSON line per run on stdout
 (and appended to --out). A pipeline that cannot run here (no CUDA, torchvision or DALI missing) prints a
 line with "status": "unavailable" and the reason, and exits 0.
 """
@@ -256,7 +257,8 @@ def run(args) -> dict:
     result = {"tool": "bench_train", "pipeline": args.pipeline, "model": args.model, "size": args.size,
               "batch_size": args.batch_size, "precision": args.precision, "channels_last": args.channels_last,
               "workers": args.workers if args.pipeline in ("torch", "dali") else None,
-              "steps": args.steps, "warmup": args.warmup, "mode": "data-only" if args.data_only else "train",
+              "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+              "mode": "data-only" if args.data_only else "train",
               "data": str(args.data), "env": environment(device)}
     Path(args.work).mkdir(parents=True, exist_ok=True)
     samples, classes, unique = prepare_samples(args)
@@ -322,24 +324,27 @@ def run(args) -> dict:
     for _ in range(args.warmup):
         work(*batch)
         batch = next(batches)
-    sync()
-    t0 = time.perf_counter()
-    loss = None
-    for i in range(args.steps):
-        out = work(*batch)
-        if not args.data_only:
-            loss = out
-        if i + 1 < args.steps:
+    # --repeats timing windows of --steps steps each; the best window is reported (as timeit does), since
+    # on a shared machine other load only ever slows a window down
+    windows, loss = [], None
+    for _ in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            out = work(*batch)
+            if not args.data_only:
+                loss = out
             batch = next(batches)
-    sync()
-    seconds = time.perf_counter() - t0
-    img_per_s = args.steps * args.batch_size / seconds
+        sync()
+        windows.append(time.perf_counter() - t0)
+    rates = [args.steps * args.batch_size / w for w in windows]
+    img_per_s = max(rates)
     final_loss = float(loss.item()) if loss is not None else None
     if final_loss is not None and not math.isfinite(final_loss):
         raise ToolError(f"training loss became {final_loss} (lower --lr)")
-    result.update(status="ok", images=n_images,
-                  seconds=seconds, img_per_s=img_per_s, epoch_seconds=n_images / img_per_s,
-                  final_loss=final_loss)
+    result.update(status="ok", images=n_images, seconds=min(windows), img_per_s=img_per_s,
+                  img_per_s_median=float(np.median(rates)), img_per_s_windows=rates,
+                  epoch_seconds=n_images / img_per_s, final_loss=final_loss)
     return result
 
 
@@ -410,6 +415,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers (torch) / DALI threads (dali)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timing windows of --steps steps; the best is reported")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--model", choices=("resnet18", "small"), default="resnet18")
@@ -431,7 +437,7 @@ def parse_args(argv=None):
         return args
     if not args.pipeline:
         raise ToolError("--pipeline is required (one of: " + ", ".join(PIPELINES) + ")")
-    for name in ("steps", "batch_size", "size"):
+    for name in ("steps", "batch_size", "size", "repeats"):
         if getattr(args, name) < 1:
             raise ToolError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or args.workers < 0:

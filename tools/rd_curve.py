@@ -40,7 +40,7 @@ VARIANTS = {  # name -> convert(prune=..., quant=...)
     "prune-fp16": (True, 16),
     "noprune-fp16": (False, 16),
 }
-DEFAULT_JPEG_QUALITIES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
+DEFAULT_JPEG_QUALITIES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 98, 100)
 DEFAULT_WEBP_QUALITIES = (1, 10, 30, 50, 70, 90)
 DEFAULT_AVIF_QUALITIES = (10, 30, 50, 70, 90)
 

@@ -2,23 +2,26 @@
 
 One program per (image, tile of BLOCK_P output pixels), on a 1-D grid. A program
   1. computes its pixels' (x, y) from (row, col) exactly as siren.pixel_grid does and applies the image's theta,
-  2. runs every layer with the activations [BLOCK_P, WP] kept in registers: the first layer as two FMAs per
-     unit, each hidden layer as one tl.dot of fp16 activations with the raw int8 (or fp16/fp32) weights
-     read straight from the bank, then `acc * (scale * w0) + b * w0` in fp32 — the int8 values are exact in
+  2. runs every layer with the activations [BLOCK_P, units] kept in registers: the first layer as two FMAs
+     per unit, each hidden layer as tl.dot of fp16 activations with the raw int8 (or fp16/fp32) weights
+     read straight from the bank, then `acc * (scale * w0) + b * w0` in fp32 - the int8 values are exact in
      fp16, so dequantization and w0 cost nothing and add no rounding,
   3. applies the linear output layer (padded to 16 outputs for tl.dot), 0.5*o + 0.5, clamps, and stores into
      out [B,3,h,w] through its strides (so NCHW and channels_last both work) in out's dtype.
 
-Width: padded to WP = next power of two >= 16 (tl.dot's minimum). Every weight load is masked with
-`row < WIDTH and col < WIDTH`, and addresses use the true row stride WIDTH. The prototype's illegal memory
-access at width 40 -> 64 came from loading the padded [64, 64] block of a 40x40 matrix unmasked: the last
-image's last layer then reads up to 63*40+63 elements past its start, ~1 KB beyond the end of the
-allocation (at width 28 -> 32 the overrun is ~100 bytes and hid inside allocator slack). Here padded
-rows/cols are never read. Image offsets are int64 so banks with N*H*W*W >= 2^31 elements are addressed
+Width: tl.dot needs power-of-two dims >= 16, so the W units are held as one block of the next power of two
+or, when narrower, two blocks (width 40 -> 32 + 16 instead of 64; see width_blocks). Every weight load is
+masked with `row < WIDTH and col < WIDTH`, and addresses use the true row stride WIDTH. The prototype's
+illegal memory access at width 40 -> 64 came from loading the padded [64, 64] block of a 40x40 matrix
+unmasked (or with the padded row stride): the last image's last layer then reads up to 63*40+63 elements
+past its start, ~1 KB beyond the end of the allocation (at width 28 -> 32 the overrun is ~100 bytes and hid
+inside allocator slack). Here padded rows/cols are never read (the tests poison the memory after every bank
+tensor to prove it). Image offsets are int64 so banks with N*H*W*W >= 2^31 elements are addressed
 correctly, and an out-of-range image index writes NaN instead of reading outside the bank.
 
-Sine: FAST_SIN selects `sin.approx.f32` (inline PTX; GPU only) after a Cody-Waite range reduction to
-[-pi, pi] (sin.approx is only accurate near 0), else tl.sin (libdevice on GPU; works in the interpreter).
+Sine: FAST_SIN selects `sin.approx.f32` (inline PTX; GPU only), by default after a Cody-Waite range
+reduction to [-pi, pi] (sin.approx loses accuracy for large arguments), else tl.sin (libdevice on GPU;
+works in the interpreter).
 
 The kernel object is created lazily by `triton.jit` at first use, so whether it runs compiled or in
 triton's CPU interpreter is decided by TRITON_INTERPRET at that moment, not at import time.
@@ -221,9 +224,9 @@ def width_blocks(width: int, split: bool = True) -> tuple[int, int]:
     return (wa, wb) if wa + wb < padded else (padded, 0)
 
 
-def default_config(width: int) -> tuple[int, int]:
+def default_config(width: int, split: bool = True) -> tuple[int, int]:
     """(pixels per program, warps) by held width; 128-pixel tiles were the prototype's best at width 32."""
-    held = sum(width_blocks(width))
+    held = sum(width_blocks(width, split))
     if held <= 32:
         return 128, 4
     if held <= 64:
@@ -261,7 +264,7 @@ def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.floa
         return out
     arch = bank.arch
     width = arch.width
-    default_pixels, default_warps = default_config(width)
+    default_pixels, default_warps = default_config(width, split_width)
     block_pixels = block_pixels or default_pixels
     num_warps = num_warps or default_warps
     if block_pixels < MIN_DOT or block_pixels & (block_pixels - 1):
@@ -309,7 +312,7 @@ def compile_for_target(width, hidden_layers, *, capability=90, hidden_dtype="int
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    default_pixels, default_warps = default_config(width)
+    default_pixels, default_warps = default_config(width, split_width)
     meta = _constexprs(width, hidden_layers, block_pixels or default_pixels, has_theta, fast_sin,
                        fast_sin if range_reduce is None else range_reduce, fp16_dot, split_width)
     signature = {"idx_ptr": "*i64", "theta_ptr": "*fp32", "out_ptr": "*" + _TRITON_TYPES[out_dtype],
