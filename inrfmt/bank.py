@@ -401,7 +401,7 @@ _TORCH_OF_NUMPY = {("f", 4): torch.float32, ("f", 2): torch.float16, ("i", 1): t
 
 def _raw_chunks_supported(f) -> bool:
     """The reader exposes what the raw path needs (chunk frames, payload layout, the scales table)."""
-    return all(hasattr(f, name) for name in ("read_chunk_frame", "_layout", "scales", "chunks"))
+    return all(hasattr(f, name) for name in ("read_chunk_frame", "chunk_layout", "scales", "chunks"))
 
 
 def _decompress_chunk(path, k: int, frame: bytes, raw_length: int) -> bytes:
@@ -433,7 +433,7 @@ def _unpack_chunk(f, k, raw: torch.Tensor, bank: dict, start: int, count: int, t
     """
     stop = start + count
     arrays, pos = {}, 0
-    for name, np_dtype, shape in f._layout(k, total_nnz):
+    for name, np_dtype, shape in f.chunk_layout(k, total_nnz):
         nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
         if pos + nbytes > raw.numel():
             raise InrFormatError(f"{f.path}: chunks[{k}]: payload is shorter than its layout")

@@ -44,7 +44,7 @@ def cli() -> None:
               help="Fit at most this many pixels on the long side (antialiased downscale); the index keeps the original size.")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="A corrupt or unreadable image: skip it (listed in the file's metadata) or stop.")
-@click.option("--shard", default=None, metavar="K/N", help="Encode only shard K of N (0-based) into OUT as a part file.")
+@click.option("--shard", default=None, metavar="K/N", help="Encode only shard K of N (K counts from 0) into OUT as a part file; join parts with `inrfmt merge`.")
 @click.option("--no-prune", is_flag=True, help="Skip the pruning rounds.")
 @click.option("--quant", type=click.Choice(["8", "16", "32"]), default="8", show_default=True,
               help="Bits of the hidden-layer weights: 8 = int8 with a per-image per-layer scale, 16/32 = float.")
@@ -52,9 +52,14 @@ def cli() -> None:
               help="Leave timing and host details out of the metadata, so reruns are byte-identical.")
 @click.option("--h5-images", default=None, metavar="KEY", help="HDF5 source: dataset holding the images.")
 @click.option("--h5-labels", default=None, metavar="KEY", help="HDF5 source: dataset holding the labels.")
+@click.option("--pixel-fraction", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
+              help="Fit each step on this fraction of each image's pixels (default: the preset's).")
+@click.option("--tf32/--no-tf32", default=None, help="TF32 matmuls on CUDA (default: the preset's).")
+@click.option("--compile", "torch_compile", is_flag=True, help="torch.compile the training step.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert(src, out, preset, steps, batch_size, device, seed, overwrite, resume, max_side, on_error,
-            shard, no_prune, quant, reproducible, h5_images, h5_labels, quiet):
+            shard, no_prune, quant, reproducible, h5_images, h5_labels, pixel_fraction, tf32, torch_compile,
+            quiet):
     """Encode the images in SRC (ImageFolder tree, CIFAR pickle batches, HDF5, .npy/.npz) into OUT.inr.
 
     Under torchrun each rank encodes its own shard and rank 0 merges them into OUT.
@@ -65,8 +70,9 @@ def convert(src, out, preset, steps, batch_size, device, seed, overwrite, resume
                           seed=seed, overwrite=overwrite, resume=resume, max_side=max_side,
                           on_error=on_error, shard=shard, prune=not no_prune, quant=int(quant),
                           reproducible=reproducible, progress=not quiet, h5_images=h5_images,
-                          h5_labels=h5_labels)
-    if summary and summary.get("out"):
+                          h5_labels=h5_labels, pixel_fraction=pixel_fraction, tf32=tf32,
+                          torch_compile=torch_compile)
+    if summary and summary.get("out") and summary.get("rank") in (None, 0):
         click.echo(
             f"wrote {summary['out']}: {summary.get('num_images', '?')} images, "
             f"mean PSNR {summary.get('psnr_mean', float('nan')):.2f} dB, "
@@ -234,7 +240,10 @@ def verify(file, sample):
 @click.argument("parts", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def merge(out, parts, overwrite):
-    """Join part files (from `convert --shard K/N`) into OUT, in the order given."""
+    """Join part files (from `convert --shard K/N`) into OUT.
+
+    Parts of one sharded run are put in shard order and must be complete; other .inr files keep the order given.
+    """
     from .encode import merge as run_merge
 
     run_merge(out, list(parts), overwrite=overwrite)

@@ -851,12 +851,13 @@ class InrFile:
                                                   f"the sum of nnz of the earlier images of its chunk)")
         for k in range(len(self.chunks)):
             lo, hi_ = self._chunk_bounds[k], self._chunk_bounds[k + 1]
-            want = _payload_bytes(self._layout(k, int(csum[hi_] - csum[lo])))
+            want = _payload_bytes(self.chunk_layout(k, int(csum[hi_] - csum[lo])))
             if int(self.chunks["raw_length"][k]) != want:
                 self._fail(f"chunks[{k}].raw_length", f"{int(self.chunks['raw_length'][k])} but its "
                                                       f"{hi_ - lo} images need {want} bytes")
 
-    def _layout(self, k: int, total_nnz: int):
+    def chunk_layout(self, k: int, total_nnz: int):
+        """(name, numpy dtype, shape) of each array in chunk k's decompressed payload, in file order."""
         n = int(self.chunks["image_count"][k])
         return _chunk_payload_layout(self.arch, n, self.float_dtype, self.hidden_dtype, self.has_masks, total_nnz)
 
@@ -905,7 +906,7 @@ class InrFile:
         n = stop - start
         rows = self.index[start:stop]
         nnz = rows["nnz"].astype(np.int64)
-        layout = self._layout(k, int(nnz.sum()))
+        layout = self.chunk_layout(k, int(nnz.sum()))
         arrays, pos = {}, 0
         for name, dt, shape in layout:
             count = int(np.prod(shape, dtype=np.int64))

@@ -125,7 +125,8 @@ PRESETS: dict[str, Preset] = {
             arch=Architecture(sine_layers=3, width=16),
             rounds=(Round(steps=150, lr=5e-3), Round(steps=100, lr=1e-3, prune="dynamic")),
             prune_rule=CIFAR10_RULE,
-            description="demo/test net 3x16; 150 + 100 steps at a high lr (~33 dB on 28x28 Fashion-MNIST); CIFAR-10 pruning rule",
+            description="demo/test net 3x16; 150 + 100 steps at a high lr (~33 dB on 28x28 Fashion-MNIST); "
+                        "CIFAR-10 pruning rule",
             batch_size_cpu=64, batch_size_cuda=4096,
         ),
     )

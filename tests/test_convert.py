@@ -70,23 +70,23 @@ def test_usage_errors(tmp_path):
     ]
     for kwargs, named in cases:
         with pytest.raises(InrUsageError, match=None) as info:
-            convert(kwargs.pop("src"), kwargs.pop("out"), progress=False, **kwargs)
+            convert(kwargs.pop("src"), kwargs.pop("out"), progress=False, device="cpu", **kwargs)
         msg = str(info.value)
         assert named in msg and "\n" not in msg, msg
     assert not out.exists()
-    convert(src, out, steps=2, progress=False)
+    convert(src, out, steps=2, progress=False, device="cpu")
     with pytest.raises(InrUsageError, match="exists"):
-        convert(src, out, steps=2, progress=False)
-    convert(src, out, steps=2, progress=False, overwrite=True)
+        convert(src, out, steps=2, progress=False, device="cpu")
+    convert(src, out, steps=2, progress=False, device="cpu", overwrite=True)
     # a leftover work dir needs --resume or --overwrite; resume with other settings is refused
     out2 = tmp_path / "p.inr"
     work_dir_for(out2).mkdir()
     (work_dir_for(out2) / "settings.json").write_text(json.dumps({"seed": 99}))
     with pytest.raises(InrUsageError, match="--resume"):
-        convert(src, out2, steps=2, progress=False)
+        convert(src, out2, steps=2, progress=False, device="cpu")
     with pytest.raises(InrUsageError, match="settings differ"):
-        convert(src, out2, steps=2, progress=False, resume=True)
-    convert(src, out2, steps=2, progress=False, overwrite=True)
+        convert(src, out2, steps=2, progress=False, device="cpu", resume=True)
+    convert(src, out2, steps=2, progress=False, device="cpu", overwrite=True)
     assert out2.exists() and not work_dir_for(out2).exists()
 
 
@@ -104,7 +104,7 @@ def test_bad_input_skip_and_fail(tmp_path, capsys):
     made = make_bad_input_folder(tmp_path / "src")
     keys = sorted(f"bad/{p.name}" for p in made.values())
     out = tmp_path / "o.inr"
-    summary = convert(tmp_path / "src", out, steps=3, progress=False, batch_size=4)
+    summary = convert(tmp_path / "src", out, steps=3, progress=False, device="cpu", batch_size=4)
     err = capsys.readouterr().err
     assert summary["num_images"] == 3 and summary["skipped"] == len(keys)
     with InrFile(out) as f:
@@ -117,11 +117,11 @@ def test_bad_input_skip_and_fail(tmp_path, capsys):
 
     out2 = tmp_path / "fail.inr"
     with pytest.raises(InrUsageError) as info:
-        convert(tmp_path / "src", out2, steps=3, progress=False, on_error="fail")
+        convert(tmp_path / "src", out2, steps=3, progress=False, device="cpu", on_error="fail")
     assert keys[0] in str(info.value)
     assert not out2.exists() and not work_dir_for(out2).exists()  # the bad class sorts first: nothing finished
     proc = cli("convert", tmp_path / "src", tmp_path / "fail2.inr", "--steps", "3", "--on-error", "fail", "--quiet",
-               check=False)
+               "--device", "cpu", check=False)
     assert proc.returncode == 2 and keys[0] in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "fail2.inr").exists()
 
@@ -131,7 +131,7 @@ def test_bad_input_skip_and_fail(tmp_path, capsys):
 
 def test_kill_and_resume_is_byte_identical(tmp_path):
     src = tiny_folder(tmp_path / "src", 10)
-    args = ["--steps", "100", "--batch-size", "1", "--seed", "5", "--reproducible", "--quiet"]
+    args = ["--steps", "100", "--batch-size", "1", "--seed", "5", "--reproducible", "--quiet", "--device", "cpu"]
     out = tmp_path / "resumed.inr"
     work = work_dir_for(out)
     proc = subprocess.Popen([sys.executable, "-m", "inrfmt", "convert", str(src), str(out), *args], env=ENV,
@@ -149,14 +149,17 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
     # One finished part is damaged: it must be redone, the others reused.
     damaged = finished[0]
     damaged.write_bytes(damaged.read_bytes()[:-40])
+    stale = tmp_path / ".resumed.inr.x1y2.tmp"  # what a kill during the final merge leaves
+    stale.write_bytes(b"partial")
     with pytest.raises(InrUsageError, match="--resume"):
-        convert(src, out, steps=100, batch_size=1, seed=5, reproducible=True, progress=False)
-    summary = convert(src, out, steps=100, batch_size=1, seed=5, reproducible=True, progress=False, resume=True)
+        convert(src, out, steps=100, batch_size=1, seed=5, reproducible=True, progress=False, device="cpu")
+    summary = convert(src, out, steps=100, batch_size=1, seed=5, reproducible=True, progress=False, device="cpu",
+                      resume=True)
     assert summary["batches_reused"] == len(finished) - 1
     assert summary["batches_encoded"] == 10 - summary["batches_reused"]
-    assert not work.exists()
+    assert not work.exists() and not stale.exists()
     straight = tmp_path / "straight.inr"
-    convert(src, straight, steps=100, batch_size=1, seed=5, reproducible=True, progress=False)
+    convert(src, straight, steps=100, batch_size=1, seed=5, reproducible=True, progress=False, device="cpu")
     assert out.read_bytes() == straight.read_bytes()
 
 
@@ -171,7 +174,7 @@ def _index_and_weights(path):
 
 def test_shards_and_merge_equal_single_run(tmp_path):
     src = tiny_folder(tmp_path / "src", 5)
-    common = dict(steps=10, batch_size=2, seed=1, progress=False, reproducible=True)
+    common = dict(steps=10, batch_size=2, seed=1, progress=False, device="cpu", reproducible=True)
     single = tmp_path / "single.inr"
     convert(src, single, **common)
     parts = [tmp_path / f"p{k}.inr" for k in range(3)]
@@ -197,24 +200,26 @@ def test_shards_and_merge_equal_single_run(tmp_path):
         convert(src, tmp_path / f"q{k}.inr", shard=f"{k}/2", **one_batch)
     assert InrFile(tmp_path / "q0.inr").num_images == 0
     merge(tmp_path / "merged8.inr", [tmp_path / "q0.inr", tmp_path / "q1.inr"])
-    assert np.array_equal(_index_and_weights(tmp_path / "single8.inr")[0], _index_and_weights(tmp_path / "merged8.inr")[0])
+    single8, merged8 = (_index_and_weights(tmp_path / name)[0] for name in ("single8.inr", "merged8.inr"))
+    assert np.array_equal(single8, merged8)
 
 
 def test_torchrun_two_ranks(tmp_path):
     src = tiny_folder(tmp_path / "src", 6)
     out = tmp_path / "tr.inr"
     args = ["convert", str(src), str(out), "--steps", "10", "--batch-size", "2", "--seed", "2", "--quiet",
-            "--reproducible"]
+            "--reproducible", "--device", "cpu"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "inrfmt", *args], env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.exists()
     assert not any(Path(part_path(out, r, 2)).exists() for r in range(2))
     single = tmp_path / "single.inr"
-    convert(src, single, steps=10, batch_size=2, seed=2, progress=False, reproducible=True)
+    convert(src, single, steps=10, batch_size=2, seed=2, progress=False, device="cpu", reproducible=True)
     a, wa, _ = _index_and_weights(single)
     b, wb, meta = _index_and_weights(out)
-    assert np.array_equal(a[["label", "height", "width", "prune_ratio"]], b[["label", "height", "width", "prune_ratio"]])
+    fields = ["label", "height", "width", "prune_ratio"]
+    assert np.array_equal(a[fields], b[fields])
     np.testing.assert_allclose(a["psnr"], b["psnr"], atol=1e-4)
     np.testing.assert_allclose(wa.first_w, wb.first_w, atol=1e-5)
     assert meta["shard"] == "merged 2/2"

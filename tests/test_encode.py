@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from inrfmt import siren
-from inrfmt.encode import (FitBatch, convert, fit_images, fit_psnr, prepare_batch, psnr_against, train_round)
+from inrfmt.encode import (convert, fit_images, fit_psnr, prepare_batch, psnr_against, train_forward,
+                           train_round)
 from inrfmt.format import Architecture, InrFile
 from inrfmt.presets import CIFAR10_RULE, Round
 from inrfmt.quantize import dynamic_ratio, mask_ratio, prune_masks
@@ -40,6 +41,20 @@ def photo_crop(h, w):
 def init(n, seed=0):
     p = siren.init_params(ARCH, n, generator=torch.Generator().manual_seed(seed))
     return siren.SirenParams(*(t.requires_grad_(True) for t in p))
+
+
+def test_train_forward_matches_siren_forward_and_its_gradients():
+    coords = torch.rand(3, 50, 2) * 2 - 1
+    target = torch.rand(3, 50, 3)
+    grads = []
+    for fn in (siren.forward, train_forward):
+        p = init(3, seed=9)
+        out = fn(p, coords, ARCH)
+        (out - target).pow(2).sum().backward()
+        grads.append((out.detach(), [t.grad for t in p]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
 
 
 def test_batched_fit_improves_psnr():

@@ -256,3 +256,17 @@ def test_bad_arguments_give_one_line_errors(script, args, expected):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("plan_name", ["cpu", "gpu"])
+def test_every_planned_command_parses(plan_name, tmp_path):
+    # the GPU plan cannot run here: at least each of its commands must be one its tool accepts
+    steps = bench_all.plan(plan_name, tmp_path)
+    parsers = {"rd": rd_curve.parse_args, "accuracy": accuracy.parse_args, "train": bench_train.parse_args}
+    assert all(steps[e] for e in bench_all.EXPERIMENTS)
+    for experiment in bench_all.EXPERIMENTS:
+        for argv in steps[experiment]:
+            args = parsers[experiment](argv)
+            assert getattr(args, "device") == steps["device"]
+    pipelines = {argv[argv.index("--pipeline") + 1] for argv in steps["train"]}
+    assert pipelines == set(bench_train.PIPELINES)

@@ -349,6 +349,9 @@ def main(argv=None) -> dict:
         prune_ratio = float(np.mean(f.index["prune_ratio"]))
         arch = f"{f.arch.sine_layers}x{f.arch.width}"
         hidden_dtype = f.hidden_dtype
+    # grayscale data (e.g. Fashion-MNIST) stored as RGB: its raw size is h*w, which the report must say
+    rgb = train.images
+    gray = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
     original = aggregate(runs["original"])
     inr = aggregate(runs["inr"])
     psnr = summarize(psnrs)
@@ -367,6 +370,7 @@ def main(argv=None) -> dict:
                      "psnr_index_mean": index_psnr["mean"], "prune_ratio_mean": prune_ratio,
                      "encode_seconds": encode_seconds, "img_steps_per_s": summary.get("img_steps_per_s")},
         "raw_bytes_per_image": int(h * w * 3),
+        "grayscale": gray, "raw_gray_bytes_per_image": int(h * w) if gray else None,
         "device": args.device_resolved, "env": environment(args.device_resolved),
     }
     print(json.dumps(result, indent=2))

@@ -64,23 +64,29 @@ def plan(name: str, results: Path) -> dict:
                           "--device", "cpu", "--work", f"{work}/accuracy", "--out", f"{res}/accuracy.json"]],
             "train": train_runs(train_common, [("gpu-raw", None), ("inr", None), ("torch", 1), ("torch", 2),
                                                ("nvjpeg", None), ("dali", 1)])
-            + train_runs(data_only, [("gpu-raw", None), ("inr", None), ("torch", 1), ("torch", 2)]),
+            + train_runs(data_only, [("gpu-raw", None), ("inr", None), ("torch", 1), ("torch", 2), ("dali", 1),
+                                     ("dali", 2)]),
         }
     if name == "cpu-extended":
         if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
             raise ToolError(f"--cpu-extended needs Fashion-MNIST in {FASHION_MNIST} "
                             f"(apt-get install dataset-fashion-mnist)")
         return {
-            "device": "cpu", "rd": [], "train": [],
+            "device": "cpu", "train": [],
+            "rd": [["data/photos", "--square", "32", "--crops", "20", "--presets", "fast", "rapid-inr-cifar10:1000",
+                    "--variants", "prune-int8", "noprune-int8", "--device", "cpu", "--out", res,
+                    "--work", f"{work}/rd"]],
             "accuracy": [["--fashion-mnist", str(FASHION_MNIST), "--max-train", "2000", "--max-test", "1000",
                           "--model", "small", "--epochs", "10", "--repeats", "2", "--device", "cpu",
                           "--work", f"{work}/accuracy", "--out", f"{res}/accuracy.json"]],
         }
     if name == "gpu":
         if (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
-            acc_data = ["--fashion-mnist", str(FASHION_MNIST), "--max-train", "10000", "--max-test", "2000"]
-        else:
-            acc_data = ["--data", "data/sample"]
+            acc_data = ["--fashion-mnist", str(FASHION_MNIST), "--max-train", "10000", "--max-test", "2000",
+                        "--model", "resnet18", "--epochs", "10", "--batch-size", "256", "--lr", "0.1"]
+        else:  # the bundled 200 images only: a small model, more epochs, several seeds
+            acc_data = ["--data", "data/sample", "--model", "small", "--epochs", "30", "--batch-size", "32",
+                        "--repeats", "5"]
         t32 = ["--data", "data/sample", "--size", "32", "--model", "resnet18", "--batch-size", "512",
                "--steps", "30", "--warmup", "5", "--precision", "bf16", "--channels-last", "--device", "cuda",
                "--preset", "rapid-inr-cifar10", "--encode-steps", "50", "--work", f"{work}/train",
@@ -94,8 +100,7 @@ def plan(name: str, results: Path) -> dict:
             "device": "cuda",
             "rd": [["data/photos", "--square", "32", "--crops", "100", "--presets", "rapid-inr-cifar10", "fast",
                     "--device", "cuda", "--out", res, "--work", f"{work}/rd"]],
-            "accuracy": [acc_data + ["--model", "resnet18", "--epochs", "10", "--batch-size", "256", "--lr", "0.1",
-                                     "--preset", "rapid-inr-cifar10", "--steps", "1000", "--device", "cuda",
+            "accuracy": [acc_data + ["--preset", "rapid-inr-cifar10", "--steps", "1000", "--device", "cuda",
                                      "--work", f"{work}/accuracy", "--out", f"{res}/accuracy.json"]],
             "train": train_runs(t32, pipes) + train_runs(t224, pipes),
         }
@@ -110,7 +115,7 @@ def command_text(experiment: str, argv: list[str]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- run
-def run_plan(name: str, results: Path, only, timeout: float | None) -> dict:
+def run_plan(name: str, results: Path, only, timeout: float | None, dali_site: str | None = None) -> dict:
     steps = plan(name, results)
     results.mkdir(parents=True, exist_ok=True)
     train_jsonl = results / "train.jsonl"
@@ -128,9 +133,13 @@ def run_plan(name: str, results: Path, only, timeout: float | None) -> dict:
             text = command_text(experiment, argv)
             bundle["commands"][experiment].append(text)
             print(f"bench_all: {text}", file=sys.stderr, flush=True)
+            env = None
+            if dali_site and experiment == "train" and "dali" in argv:
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                    [dali_site] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
             try:
                 proc = subprocess.run(cmd, cwd=REPO, timeout=timeout, stdout=subprocess.DEVNULL
-                                      if experiment != "train" else subprocess.PIPE, text=True)
+                                      if experiment != "train" else subprocess.PIPE, text=True, env=env)
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
@@ -155,7 +164,8 @@ def fmt(value, spec=".1f", none="—"):
 def machine_line(env: dict) -> str:
     dev = env.get("gpu") or env.get("device", "?")
     return (f"{env.get('cpu', '?')}, {env.get('cpu_cores', '?')} cores, device `{dev}`; torch {env.get('torch', '?')} "
-            f"({env.get('torch_threads', '?')} threads), Pillow {env.get('pillow', '?')}; {env.get('date_utc', '?')} UTC")
+            f"({env.get('torch_threads', '?')} threads), Pillow {env.get('pillow', '?')}; "
+            f"{env.get('date_utc', '?')} UTC")
 
 
 def rd_markdown(rd: dict, commands: list[str], png: str) -> str:
@@ -163,7 +173,8 @@ def rd_markdown(rd: dict, commands: list[str], png: str) -> str:
              f"Machine: {machine_line(rd['env'])}.", "",
              f"Images: {rd['images']} {'random crops' if rd.get('crops_per_image') else 'images'} "
              f"({rd['image_sizes']}) from `{rd['src']}`; encoder steps: {rd.get('steps') or 'preset default'}.", "",
-             "| method | setting | bytes/image | bits/pixel | mean PSNR (dB) | p10 PSNR | JPEG at equal bytes | vs JPEG |",
+             "| method | setting | bytes/image | bits/pixel | mean PSNR (dB) | p10 PSNR | JPEG at equal bytes "
+             "| vs JPEG |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for p in rd["points"]:
         if p["method"] == "inrfmt":
@@ -206,7 +217,9 @@ def accuracy_markdown(acc: dict, commands: list[str]) -> str:
              f"(mean ± std); both tested on the original test images.", "",
              "| training images | test accuracy | bytes/image | mean PSNR (dB) | p10 PSNR |",
              "|---|---:|---:|---:|---:|",
-             f"| original (uint8 RGB) | {acc_text(o)} | {acc['raw_bytes_per_image']} (raw) | — | — |",
+             f"| original (uint8 RGB) | {acc_text(o)} | {acc['raw_bytes_per_image']} (raw RGB"
+             + (f"; {acc['raw_gray_bytes_per_image']} as raw grayscale" if acc.get("grayscale") else "")
+             + ") | — | — |",
              f"| decoded from .inr ({f['preset'] or 'given file'} {f['arch']}, {f['hidden_dtype']}, "
              f"pruned {f['prune_ratio_mean']:.1%}) | {acc_text(i)} | {f['bytes_per_image']:.0f} | "
              f"{f['psnr_mean']:.2f} | {f['psnr_p10']:.2f} |",
@@ -240,6 +253,9 @@ def train_markdown(rows: list[dict], commands: list[str], png: str) -> str:
                 note = f"{r['inr_bytes_per_image']:.0f} B/image .inr"
             elif r.get("jpeg_bytes_per_image"):
                 note = f"JPEG q{r.get('jpeg_quality')}, {r['jpeg_bytes_per_image']:.0f} B/image"
+                if r.get("dali_version"):
+                    note += f"; DALI {r['dali_version']}, CPU operators" if r["env"].get("device") == "cpu" \
+                        else f"; DALI {r['dali_version']}"
             lines.append(f"| {run_key(r)} | {r['img_per_s']:,.0f} | {r['epoch_seconds']:.2f} ({r['images']} img) | "
                          f"{fmt(r['img_per_s'] / raw['img_per_s'] if raw else None, '.2f')} | "
                          f"{fmt(r['img_per_s'] / torch1['img_per_s'] if torch1 else None, '.2f')} | {note} |")
@@ -251,7 +267,8 @@ def train_markdown(rows: list[dict], commands: list[str], png: str) -> str:
                 checks.append(f"inr / gpu-raw = {ratio:.2f} (target ≥ 0.9: {'met' if ratio >= 0.9 else 'NOT met'})")
             if torch1:
                 ratio = inr["img_per_s"] / torch1["img_per_s"]
-                checks.append(f"inr / torch 1 worker = {ratio:.2f} (target ≥ 6: {'met' if ratio >= 6 else 'NOT met'})")
+                verdict = "met" if ratio >= 6 else "NOT met"
+                checks.append(f"inr / torch 1 worker = {ratio:.2f} (target ≥ 6: {verdict})")
             if checks:
                 lines += ["", "Targets: " + "; ".join(checks) + "."]
         lines.append("")
@@ -360,7 +377,8 @@ def parse_args(argv=None):
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--cpu", action="store_true", help="the CPU-sized plan (make bench)")
     mode.add_argument("--cpu-extended", action="store_true",
-                      help="a longer CPU accuracy run on 2000/1000 Fashion-MNIST images (~10 min on 1 core)")
+                      help="longer CPU runs: the paper's CIFAR net in the R-D plot, accuracy on 2000/1000 "
+                           "Fashion-MNIST images (~20 min on 1 core)")
     mode.add_argument("--gpu", action="store_true", help="the GPU-sized plan (needs CUDA)")
     mode.add_argument("--render", metavar="BUNDLE", help="rebuild plots and tables from a bench_all.json")
     p.add_argument("--results", help="output folder (default bench_results/<plan>)")
@@ -368,6 +386,9 @@ def parse_args(argv=None):
     p.add_argument("--no-md", action="store_true", help="leave BENCHMARKS.md alone")
     p.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated subset of rd,accuracy,train")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per tool run")
+    p.add_argument("--dali-site", metavar="DIR",
+                   help="a folder holding NVIDIA DALI (pip install --target DIR nvidia-dali-cuda120), put on "
+                        "PYTHONPATH for the dali runs only")
     args = p.parse_args(argv)
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in args.only if x not in EXPERIMENTS]
@@ -385,7 +406,9 @@ def main(argv=None) -> int:
         bundle = read_json(args.render)
         if not isinstance(bundle, dict) or bundle.get("tool") != "bench_all":
             raise ToolError(f"{args.render}: not a bench_all.json bundle")
-        results = Path(args.results) if args.results else Path(args.render).resolve().parent
+        results = Path(args.results).resolve() if args.results else Path(args.render).resolve().parent
+        if results != Path(args.render).resolve().parent:  # keep the bundle beside the plots made from it
+            write_json(results / "bench_all.json", bundle)
         tags = render(bundle, results, md)
         print(f"bench_all: rendered {', '.join(tags) or 'nothing'}", file=sys.stderr)
         return 0
@@ -396,7 +419,9 @@ def main(argv=None) -> int:
             raise ToolError("--gpu needs a CUDA device (torch.cuda.is_available() is False)")
     results = Path(args.results).resolve() if args.results else REPO / "bench_results" / name
     t0 = time.perf_counter()
-    bundle = run_plan(name, results, args.only, args.timeout)
+    if args.dali_site and not Path(args.dali_site, "nvidia", "dali").is_dir():
+        raise ToolError(f"--dali-site {args.dali_site}: no nvidia/dali package in it")
+    bundle = run_plan(name, results, args.only, args.timeout, args.dali_site)
     bundle["seconds"]["total"] = time.perf_counter() - t0
     previous = results / "bench_all.json"
     if previous.exists() and set(args.only) != set(EXPERIMENTS):

@@ -30,9 +30,9 @@ line with "status": "unavailable" and the reason, and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -76,10 +76,11 @@ def gpu_raw_batches(samples, args, device):
 
 
 class JpegFolderDataset:
-    """JPEG files decoded by Pillow; random pad-and-crop + flip per image (in the DataLoader worker)."""
+    """JPEG files decoded by Pillow; random pad-and-crop + flip per image (in the DataLoader worker, drawn
+    from torch's per-worker random stream)."""
 
-    def __init__(self, paths, labels, size: int, seed: int):
-        self.paths, self.labels, self.size, self.pad, self.seed = paths, labels, size, size // 8, seed
+    def __init__(self, paths, labels, size: int):
+        self.paths, self.labels, self.size, self.pad = paths, labels, size, size // 8
 
     def __len__(self):
         return len(self.paths)
@@ -102,7 +103,7 @@ class JpegFolderDataset:
 
 def torch_batches(jpeg_paths, jpeg_labels, args, device):
     import torch
-    ds = JpegFolderDataset(jpeg_paths, jpeg_labels, args.size, args.seed)
+    ds = JpegFolderDataset(jpeg_paths, jpeg_labels, args.size)
     gen = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
@@ -121,7 +122,8 @@ def nvjpeg_batches(jpeg_paths, jpeg_labels, args, device):
     except Exception as exc:  # ImportError, or a RuntimeError from a torch/torchvision version mismatch
         raise Unavailable(f"torchvision is not importable ({type(exc).__name__}: {exc})") from None
     import torch
-    blobs = [torchvision.io.read_file(str(p)) for p in jpeg_paths]  # bytes in host memory, as a page cache would hold them
+    # the files' bytes in host memory (as the page cache would hold them); decoding is what is timed
+    blobs = [torchvision.io.read_file(str(p)) for p in jpeg_paths]
     labels = torch.tensor(jpeg_labels, dtype=torch.int64, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     cpu_gen = torch.Generator().manual_seed(args.seed)
@@ -178,13 +180,15 @@ def inr_batches(ds, args):
     crop_cls = getattr(A, "RandomCrop", None) or getattr(A, "RandomTranslate", None)
     if crop_cls is None:
         raise ToolError("inrfmt.augment has neither RandomCrop nor RandomTranslate")
-    aug = A.Compose([crop_cls(args.size, padding=args.size // 8), A.RandomHorizontalFlip(0.5),
-                     A.Normalize([MEAN] * 3, [STD] * 3)])
+    # Resize first: a coordinate map, the identity when the file holds size x size images (a --inr file
+    # of another size is brought to the same input as the other pipelines)
+    aug = A.Compose([A.Resize((args.size, args.size)), crop_cls(args.size, padding=args.size // 8),
+                     A.RandomHorizontalFlip(0.5), A.Normalize([MEAN] * 3, [STD] * 3)])
     if len(ds) < args.batch_size:
         raise ToolError(f"{ds.file.path}: {len(ds)} images, fewer than --batch-size {args.batch_size}")
-    loader = ds.loader(args.batch_size, shuffle=True, drop_last=True, seed=args.seed, size=(args.size, args.size),
-                       augment=aug, dtype=torch.float32,
-                       channels_last=args.channels_last)
+    extra = {"reuse_buffer": True} if args.reuse_buffer else {}
+    loader = ds.loader(args.batch_size, shuffle=True, drop_last=True, seed=args.seed, augment=aug,
+                       dtype=torch.float32, channels_last=args.channels_last, **extra)
     epoch = 0
     while True:
         loader.set_epoch(epoch)
@@ -255,15 +259,19 @@ def run(args) -> dict:
     device = args.device_resolved = resolve_device(args.device)
     torch.manual_seed(args.seed)
     result = {"tool": "bench_train", "pipeline": args.pipeline, "model": args.model, "size": args.size,
+              "reuse_buffer": args.reuse_buffer if args.pipeline == "inr" else None,
               "batch_size": args.batch_size, "precision": args.precision, "channels_last": args.channels_last,
               "workers": args.workers if args.pipeline in ("torch", "dali") else None,
               "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
               "mode": "data-only" if args.data_only else "train",
-              "data": str(args.data), "env": environment(device)}
+              "data": str(args.inr if args.pipeline == "inr" and args.inr else args.data),
+              "env": environment(device)}
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    samples, classes, unique = prepare_samples(args)
+    if args.pipeline == "inr" and args.inr:  # the file is the dataset: nothing to read from --data
+        samples, classes, unique = [], [], None
+    else:
+        samples, classes, unique = prepare_samples(args)
     n_images = len(samples)
-    result["unique_images"] = unique
     try:
         if args.pipeline == "gpu-raw":
             batches = gpu_raw_batches(samples, args, device)
@@ -272,6 +280,9 @@ def run(args) -> dict:
             path = inr_file(samples, classes, args)
             ds = inrfmt.open(str(path), device=device)
             n_images = len(ds)  # with --inr, an epoch is the file's images
+            unique = unique or len(ds)
+            if not samples:  # class count from the file: its names, or its largest label
+                classes = [str(k) for k in range(max(len(ds.classes), int(ds.labels.max()) + 1 if len(ds) else 0))]
             result["inr_file"] = str(path)
             result["inr_bytes_per_image"] = path.stat().st_size / n_images
             result["inr_load_seconds"] = ds.stats().get("load_seconds")
@@ -280,6 +291,12 @@ def run(args) -> dict:
             paths, labels = jpeg_tree(samples, classes, args)
             result["jpeg_quality"] = JPEG_QUALITY
             result["jpeg_bytes_per_image"] = sum(p.stat().st_size for p in paths) / len(paths)
+            if args.pipeline == "dali":
+                try:
+                    import nvidia.dali
+                    result["dali_version"] = nvidia.dali.__version__
+                except ImportError:
+                    pass  # reported as unavailable just below
             make = {"torch": torch_batches, "nvjpeg": nvjpeg_batches, "dali": dali_batches}[args.pipeline]
             batches = make(paths, labels, args, device)
         first = next(batches)  # builds the pipeline (workers, DALI, bank upload): not timed
@@ -287,7 +304,9 @@ def run(args) -> dict:
         result.update(status="unavailable", reason=str(exc))
         return result
 
-    num_classes = max(len(classes), 1 + max(max(lab for _, _, lab in samples), 0), 2)
+    result["unique_images"] = unique
+    max_label = max((lab for _, _, lab in samples), default=len(classes) - 1)
+    num_classes = max(len(classes), max_label + 1, 2)
     model = build_model(args.model, num_classes, args.size).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -301,11 +320,12 @@ def run(args) -> dict:
             torch.cuda.synchronize(device)
 
     def step(x, y):
+        y = y.clamp_min(0)  # unlabelled images (-1) train as class 0: only the speed is measured
         if x.dtype == torch.uint8:
             x = to_model_input(x, memory_format)
         elif args.channels_last:
             x = x.contiguous(memory_format=memory_format)
-        with torch.autocast(dev_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with torch.autocast(dev_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
             loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -368,7 +388,8 @@ def read_lines(paths) -> list[dict]:
 def run_label(row: dict) -> str:
     label = row["pipeline"]
     if row.get("workers") is not None:
-        label += f" ({row['workers']} {'worker' if row['pipeline'] == 'torch' else 'thread'}{'s' * (row['workers'] != 1)})"
+        unit = "worker" if row["pipeline"] == "torch" else "thread"
+        label += f" ({row['workers']} {unit}{'s' * (row['workers'] != 1)})"
     return label
 
 
@@ -385,13 +406,15 @@ def plot(rows: list[dict], png: Path) -> Path:
                                  r["env"].get("gpu") or r["env"].get("device")) == (model, size, bs, mode, dev)]
         labels = [run_label(r) for r in sel]
         values = [r["img_per_s"] for r in sel]
-        colors = ["tab:red" if r["pipeline"] == "inr" else "tab:gray" if r["pipeline"] == "gpu-raw" else "tab:blue"
-                  for r in sel]
+        palette = {"inr": "tab:red", "gpu-raw": "tab:gray", "torch": "tab:blue", "nvjpeg": "tab:green",
+                   "dali": "tab:olive"}
+        colors = [palette.get(r["pipeline"], "tab:blue") for r in sel]
         bars = ax.barh(labels, values, color=colors)
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=3, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("images / s")
-        ax.set_title(f"{model} {mode}, {size}x{size}, batch {bs}, on {dev}", fontsize=9)
+        what = f"{model} training step" if mode == "train" else "input pipeline alone (no model)"
+        ax.set_title(f"{what}, {size}x{size}, batch {bs}, on {dev}", fontsize=9)
         ax.set_xlim(0, max(values) * 1.25)
     missing = sorted({f"{r['pipeline']}: {r.get('reason', 'unavailable')}" for r in rows if r.get("status") != "ok"})
     if missing:
@@ -424,6 +447,8 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-buffer", action="store_true",
+                   help="inr: decode every batch into one preallocated buffer (InrLoader reuse_buffer=True)")
     p.add_argument("--data-only", action="store_true", help="time the pipeline alone (no model): its own ceiling")
     p.add_argument("--preset", default="fast", help="preset used to encode --data when --inr is not given")
     p.add_argument("--encode-steps", type=int, default=None, help="convert --steps for that encode")

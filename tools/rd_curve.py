@@ -2,7 +2,7 @@
 """Rate-distortion of inrfmt against JPEG, WebP and AVIF on a folder of images (the paper's Fig. 3/6).
 
     python tools/rd_curve.py IMAGES_DIR [--out DIR] [--presets fast rapid-inr-cifar10 ...] [--steps N]
-        [--max-images N] [--square S] [--variants prune-int8 noprune-int8 prune-fp16 noprune-fp16]
+        [--max-images N] [--square S [--crops K]] [--variants prune-int8 noprune-int8 prune-fp16 noprune-fp16]
 
 For every preset and variant (pruning on/off via convert's `prune`, hidden weights int8 or fp16 via
 `quant`) the images are encoded into one .inr file; for every codec and quality each image is encoded
@@ -129,12 +129,12 @@ def decoded_psnrs(inr_path: Path, samples, device: str) -> list[float]:
     return psnrs
 
 
-def inr_point(png_tree: Path, samples, preset: str, variant: str, args, work: Path) -> dict:
+def inr_point(png_tree: Path, samples, preset: str, steps: int | None, variant: str, args, work: Path) -> dict:
     import inrfmt
     prune, quant = VARIANTS[variant]
-    out = work / f"{preset}-{variant}-s{args.steps}.inr"
+    out = work / f"{preset}-{variant}-s{steps}.inr"
     t0 = time.perf_counter()
-    summary = inrfmt.convert(str(png_tree), str(out), preset=preset, steps=args.steps, prune=prune, quant=quant,
+    summary = inrfmt.convert(str(png_tree), str(out), preset=preset, steps=steps, prune=prune, quant=quant,
                              device=args.device_resolved, seed=args.seed, overwrite=True, progress=False)
     seconds = time.perf_counter() - t0
     psnrs = decoded_psnrs(out, samples, args.device_resolved)
@@ -148,7 +148,7 @@ def inr_point(png_tree: Path, samples, preset: str, variant: str, args, work: Pa
         index_psnr = float(np.mean(f.index["psnr"]))
     stats = summarize(psnrs)
     return {"method": "inrfmt", "preset": preset, "variant": variant, "prune": prune, "quant": quant,
-            "steps": args.steps, "arch": arch, "params_per_image": params,
+            "steps": steps, "arch": arch, "params_per_image": params,
             "bytes_per_image": file_bytes / len(samples), "bits_per_pixel": 8.0 * file_bytes / pixels,
             "file_bytes": file_bytes, "psnr_mean": stats["mean"], "psnr_p10": stats["p10"], "psnr_min": stats["min"],
             "psnr_index_mean": index_psnr, "prune_ratio_mean": prune_ratio, "images": len(samples),
@@ -207,14 +207,19 @@ def plot(result: dict, png: Path) -> Path:
                        edgecolors=colors[k % len(colors)], label=f"inrfmt {preset} {p['variant']} ({p['arch']})",
                        zorder=3)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if str(int(round(v)))[0] in "25" else ""))
     ax.set_xlabel("bytes per image (mean; inrfmt: .inr file bytes / images, header included)")
     ax.set_ylabel("mean PSNR (dB, 0..255 RGB)")
     sz = result["image_sizes"]
-    what = f"{result['images']} {'crops' if result.get('crops_per_image') else 'images'} ({sz}) from {Path(result['src']).name}"
+    kind = "crops" if result.get("crops_per_image") else "images"
+    what = f"{result['images']} {kind} ({sz}) from {Path(result['src']).name}"
     ax.set_title(f"{what}; {result['env']['date_utc']} UTC, {result['device']}",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(fig, png)
 
 
@@ -225,9 +230,11 @@ def parse_args(argv=None):
     p.add_argument("images_dir", help="images to measure (any source inrfmt convert reads)")
     p.add_argument("--out", default=str(REPO / "bench_out" / "rd"), help="where rd.json and rd.png go")
     p.add_argument("--work", default=None, help="scratch for the PNG tree and .inr files (default: OUT/work)")
-    p.add_argument("--presets", nargs="*", default=["fast"], help="none: codecs only")
+    p.add_argument("--presets", nargs="*", default=["fast"],
+                   help="NAME or NAME:STEPS (convert --steps for that preset); none: codecs only")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=None, help="convert --steps (default: the preset's own)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="convert --steps for presets given without :STEPS (default: the preset's own)")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--square", type=int, default=None, help="centre-crop and resize every image to SxS first")
     p.add_argument("--crops", type=int, default=0,
@@ -253,11 +260,16 @@ def parse_args(argv=None):
         bad = [q for q in getattr(args, name) if not 0 <= q <= 100]
         if bad:
             raise ToolError(f"--{name.replace('_', '-')}: qualities must be in 0..100, got {bad}")
-    if args.presets:
-        from inrfmt.presets import PRESETS
-        unknown = [name for name in args.presets if name not in PRESETS]
-        if unknown:
-            raise ToolError(f"unknown preset {unknown[0]!r} (choose from: {', '.join(PRESETS)})")
+    from inrfmt.presets import PRESETS
+    specs = []
+    for spec in args.presets:  # NAME or NAME:STEPS
+        name, _, steps_text = spec.partition(":")
+        if name not in PRESETS:
+            raise ToolError(f"unknown preset {name!r} (choose from: {', '.join(PRESETS)})")
+        if steps_text and not (steps_text.isdigit() and int(steps_text) >= 1):
+            raise ToolError(f"--presets {spec}: STEPS must be an integer >= 1")
+        specs.append((name, int(steps_text) if steps_text else args.steps))
+    args.presets = specs
     return args
 
 
@@ -280,7 +292,8 @@ def main(argv=None) -> dict:
     write_image_folder(loaded, classes, png_tree, fmt="png")
     samples, _, _ = load_samples(png_tree)  # convert's order and exact pixels
     sizes = sorted({(img.shape[1], img.shape[0]) for _, img, _ in samples})
-    size_text = f"{sizes[0][0]}x{sizes[0][1]}" if len(sizes) == 1 else f"{len(sizes)} sizes, {sizes[0][0]}x{sizes[0][1]}..{sizes[-1][0]}x{sizes[-1][1]}"
+    (w0, h0), (w1, h1) = sizes[0], sizes[-1]
+    size_text = f"{w0}x{h0}" if len(sizes) == 1 else f"{len(sizes)} sizes, {w0}x{h0}..{w1}x{h1}"
 
     points, notes = [], []
     for codec, qualities in (("jpeg", args.jpeg_qualities), ("webp", args.webp_qualities),
@@ -296,9 +309,9 @@ def main(argv=None) -> dict:
             point["library"] = why
             points.append(point)
             print(f"{codec} q{q}: {point['bytes_per_image']:.0f} B/image, {point['psnr_mean']:.2f} dB", file=sys.stderr)
-    for preset in args.presets:
+    for preset, steps in args.presets:
         for variant in args.variants:
-            point = inr_point(png_tree, samples, preset, variant, args, work)
+            point = inr_point(png_tree, samples, preset, steps, variant, args, work)
             points.append(point)
             print(f"inrfmt {preset} {variant}: {point['bytes_per_image']:.0f} B/image, {point['psnr_mean']:.2f} dB "
                   f"(prune {point['prune_ratio_mean']:.1%}, encode {point['encode_seconds']:.1f} s)", file=sys.stderr)
