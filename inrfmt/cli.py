@@ -44,7 +44,8 @@ def cli() -> None:
               help="Fit at most this many pixels on the long side (antialiased downscale); the index keeps the original size.")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="A corrupt or unreadable image: skip it (listed in the file's metadata) or stop.")
-@click.option("--shard", default=None, metavar="K/N", help="Encode only shard K of N (K counts from 0) into OUT as a part file; join parts with `inrfmt merge`.")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Encode only shard K of N (K counts from 0) into OUT as a part file; join parts with `inrfmt merge`.")
 @click.option("--no-prune", is_flag=True, help="Skip the pruning rounds.")
 @click.option("--quant", type=click.Choice(["8", "16", "32"]), default="8", show_default=True,
               help="Bits of the hidden-layer weights: 8 = int8 with a per-image per-layer scale, 16/32 = float.")
