@@ -49,18 +49,25 @@ def cli() -> None:
 @click.option("--no-prune", is_flag=True, help="Skip the pruning rounds.")
 @click.option("--quant", type=click.Choice(["8", "16", "32"]), default="8", show_default=True,
               help="Bits of the hidden-layer weights: 8 = int8 with a per-image per-layer scale, 16/32 = float.")
+@click.option("--float-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage of the first/last layers and biases: float32 (the paper's full precision) or float16 "
+                   "(smaller files; the recorded PSNR is that of the stored model).")
 @click.option("--reproducible", is_flag=True,
               help="Leave timing and host details out of the metadata, so reruns are byte-identical.")
 @click.option("--h5-images", default=None, metavar="KEY", help="HDF5 source: dataset holding the images.")
 @click.option("--h5-labels", default=None, metavar="KEY", help="HDF5 source: dataset holding the labels.")
 @click.option("--pixel-fraction", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
               help="Fit each step on this fraction of each image's pixels (default: the preset's).")
+@click.option("--jitter", type=click.FloatRange(min=0, max=1), default=None,
+              help="Fraction of fitting samples moved each step to a random point of their pixel cell (target: "
+                   "the bilinearly interpolated image), so the image is clean between pixel centres; "
+                   "0 fits pixel centres only (default: the preset's, 0.5).")
 @click.option("--tf32/--no-tf32", default=None, help="TF32 matmuls on CUDA (default: the preset's).")
 @click.option("--compile", "torch_compile", is_flag=True, help="torch.compile the training step.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert(src, out, preset, steps, batch_size, device, seed, overwrite, resume, max_side, on_error,
-            shard, no_prune, quant, reproducible, h5_images, h5_labels, pixel_fraction, tf32, torch_compile,
-            quiet):
+            shard, no_prune, quant, float_dtype, reproducible, h5_images, h5_labels, pixel_fraction, jitter, tf32,
+            torch_compile, quiet):
     """Encode the images in SRC (ImageFolder tree, CIFAR pickle batches, HDF5, .npy/.npz) into OUT.inr.
 
     Under torchrun each rank encodes its own shard and rank 0 merges them into OUT.
@@ -69,9 +76,9 @@ def convert(src, out, preset, steps, batch_size, device, seed, overwrite, resume
 
     summary = run_convert(src, out, preset=preset, steps=steps, batch_size=batch_size, device=device,
                           seed=seed, overwrite=overwrite, resume=resume, max_side=max_side,
-                          on_error=on_error, shard=shard, prune=not no_prune, quant=int(quant),
+                          on_error=on_error, shard=shard, prune=not no_prune, quant=int(quant), float_dtype=float_dtype,
                           reproducible=reproducible, progress=not quiet, h5_images=h5_images,
-                          h5_labels=h5_labels, pixel_fraction=pixel_fraction, tf32=tf32,
+                          h5_labels=h5_labels, pixel_fraction=pixel_fraction, jitter=jitter, tf32=tf32,
                           torch_compile=torch_compile)
     if summary and summary.get("out") and summary.get("rank") in (None, 0):
         click.echo(

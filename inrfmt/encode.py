@@ -23,9 +23,19 @@ right. Images are padded to the batch's largest pixel count:
   keeps the original size, and the PSNR written to the file is measured by decoding the final model at
   the original size against the original pixels.
 
-Determinism. Batch b covers source items [b*B, (b+1)*B); its initial weights and pixel samples come from
-generators seeded by (seed, b), so a resumed or sharded run reproduces an uninterrupted one exactly on
-the same device and settings.
+Continuous fitting (jitter). Fitted only at its pixel centres, a SIREN matches them and oscillates in
+between, and decoding at another size or through a crop/resize augmentation samples exactly there. So
+each step a random `jitter` fraction of the samples (preset default 0.5; convert(jitter=...)) moves to a
+uniformly random point of its pixel cell, with the image bilinearly interpolated there as the target
+(grid_sample, align_corners=False, padding_mode="border": the pixel-centre convention of siren.pixel_grid,
+the edge pixels extended to the border); the other samples stay at the centres. With all pixels per step
+the coordinates are jittered in place; with pixel_fraction < 1 the sampled pixels are. This costs PSNR at
+the pixel centres (the PSNR written to the file is still measured there) and buys a clean continuous
+image; the measurements behind the default are in presets.py and tools/bench_upsample.py.
+
+Determinism. Batch b covers source items [b*B, (b+1)*B); its initial weights, pixel samples and jitter
+come from generators seeded by (seed, b), so a resumed or sharded run reproduces an uninterrupted one
+exactly on the same device and settings.
 
 Pipeline (`convert`). Finished batches are written as small part files (format.InrWriter, atomic) into
 a work directory beside OUT (OUT.work/, with settings.json); OUT is made by format.merge_files (temp +
@@ -44,8 +54,8 @@ this for shard RANK/WORLD_SIZE into OUT.part-RANK-of-WORLD (on cuda:LOCAL_RANK),
 parts (polling the files: ranks may finish hours apart) and merges them into OUT, then deletes them.
 
 Metadata (all strings): encoder, preset, steps (round 1), schedule, seed, source, source_kind, device,
-batch_size, max_side, pixel_fraction, tf32, prune, prune_rule, quant, torch_version, skipped; and unless
-`reproducible`: created, device_name, img_steps, img_steps_per_s, encode_seconds. Files are
+batch_size, max_side, pixel_fraction, jitter, tf32, prune, prune_rule, quant, torch_version, skipped;
+and unless `reproducible`: created, device_name, img_steps, img_steps_per_s, encode_seconds. Files are
 byte-identical across runs with reproducible=True (same settings and device); otherwise only the timing
 keys (created, img_steps_per_s, encode_seconds) differ.
 """
@@ -93,6 +103,11 @@ class FitBatch:
     counts: torch.Tensor  # [N] long: real pixels per image
     weights: torch.Tensor | None  # [N, Pmax] 1/count on real pixels, 0 on padding (None when uniform)
     sizes: list[tuple[int, int]]  # fitting (height, width) per image
+    # The images as [N, 3, Hmax, Wmax] (model space, top-left aligned, zero padded), for bilinear targets
+    # between pixel centres (`continuous_targets`); a view of `targets` when all images have one size.
+    canvas: torch.Tensor
+    extent: torch.Tensor  # [N, 2] float (width, height) per image: pixels along x and along y
+    canvas_extent: torch.Tensor  # [2] float (Wmax, Hmax), on the device (no host copy in the step loop)
 
     @property
     def uniform(self) -> bool:
@@ -108,20 +123,58 @@ def prepare_batch(images: list[np.ndarray], device) -> FitBatch:
     sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
     counts = [h * w for h, w in sizes]
     pmax = max(counts)
+    extent = torch.tensor([[w, h] for h, w in sizes], dtype=torch.float32, device=device)
     if len(set(sizes)) == 1:
         h, w = sizes[0]
         stack = torch.from_numpy(np.stack(images)).to(device)  # np.stack copies: writable
         targets = stack.reshape(len(images), h * w, 3).float().div_(127.5).sub_(1.0)
         coords = siren.pixel_grid(h, w, device=device)
-        return FitBatch(coords, targets, torch.tensor(counts, device=device), None, sizes)
+        canvas = targets.view(len(images), h, w, 3).permute(0, 3, 1, 2)
+        return FitBatch(coords, targets, torch.tensor(counts, device=device), None, sizes, canvas, extent,
+                        extent[0].clone())
+    hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
     targets = torch.zeros(len(images), pmax, 3, device=device)
     coords = torch.zeros(len(images), pmax, 2, device=device)
     weights = torch.zeros(len(images), pmax, device=device)
+    canvas = torch.zeros(len(images), 3, hmax, wmax, device=device)
     for i, (im, (h, w)) in enumerate(zip(images, sizes)):  # once per batch, not per step
         targets[i, : h * w] = torch.from_numpy(np.array(im, copy=True)).to(device).reshape(-1, 3).float() / 127.5 - 1.0
         coords[i, : h * w] = siren.pixel_grid(h, w, device=device)
         weights[i, : h * w] = 1.0 / (h * w)
-    return FitBatch(coords, targets, torch.tensor(counts, device=device), weights, sizes)
+        canvas[i, :, :h, :w] = targets[i, : h * w].reshape(h, w, 3).permute(2, 0, 1)
+    return FitBatch(coords, targets, torch.tensor(counts, device=device), weights, sizes, canvas, extent,
+                    torch.tensor([wmax, hmax], dtype=torch.float32, device=device))
+
+
+def jitter_coords(coords: torch.Tensor, extent: torch.Tensor, jitter: float,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """Move a random `jitter` fraction of the coordinates to a uniformly random point of their pixel
+    cell; the rest stay at the pixel centre. coords [P,2] (shared) or [N,P,2] of pixel centres, extent
+    [N,2] (width, height) -> [N,P,2]. jitter 1 moves every sample, so pixel centres drawn uniformly
+    become points drawn uniformly over the continuous image."""
+    n = extent.shape[0]
+    p = coords.shape[-2]
+    u = torch.rand(n, p, 2, generator=generator, device=coords.device, dtype=coords.dtype).sub_(0.5)
+    if jitter < 1.0:
+        u *= torch.rand(n, p, 1, generator=generator, device=coords.device, dtype=coords.dtype) < jitter
+    cell = 2.0 / extent  # [N, 2]: one pixel cell is 2/w along x, 2/h along y
+    return coords + u * cell[:, None, :]
+
+
+def continuous_targets(batch: FitBatch, coords: torch.Tensor) -> torch.Tensor:
+    """[N,P,3] the batch's images at any coords [N,P,2] in [-1, 1], bilinearly interpolated between pixel
+    centres (grid_sample, align_corners=False, padding_mode="border": the pixel-centre convention of
+    siren.pixel_grid, and the edge pixels extend to the image border). At pixel centres this is exactly
+    the pixels. Mixed sizes: each image's coords are clamped to its own pixel-centre range and mapped
+    onto the padded canvas, so no zero padding is ever blended in."""
+    grid = coords
+    if not batch.uniform:
+        size = batch.extent[:, None, :]  # [N,1,2] (w, h)
+        pix = torch.minimum(((coords + 1.0) * size - 1.0).mul_(0.5).clamp_min_(0.0), size - 1.0)
+        grid = (2.0 * pix + 1.0) / batch.canvas_extent - 1.0
+    out = torch.nn.functional.grid_sample(batch.canvas, grid.unsqueeze(1), mode="bilinear",
+                                          padding_mode="border", align_corners=False)  # [N,3,1,P]
+    return out[:, :, 0].transpose(1, 2)
 
 
 class _SineLayer(torch.autograd.Function):
@@ -159,11 +212,18 @@ def train_forward(params: siren.SirenParams, coords: torch.Tensor, arch: Archite
 
 
 def _per_image_loss(params: siren.SirenParams, batch: FitBatch, arch: Architecture, sample_count: int,
-                    generator: torch.Generator | None) -> torch.Tensor:
-    """[N] per-image MSE in model space, on all pixels or on `sample_count` sampled pixels per image."""
+                    generator: torch.Generator | None, jitter: float = 0.0) -> torch.Tensor:
+    """[N] per-image MSE in model space, on all pixels or on `sample_count` sampled pixels per image.
+    jitter > 0: that fraction of the samples moves to a uniformly random point of its pixel cell, with
+    the bilinearly interpolated image there as target (fits the continuous image, not only the pixel
+    centres; the other samples keep the centres pinned)."""
     if sample_count <= 0:
-        out = train_forward(params, batch.coords, arch)
-        err = (out - batch.targets).pow(2)
+        coords, targets = batch.coords, batch.targets
+        if jitter > 0:
+            coords = jitter_coords(coords, batch.extent, jitter, generator)
+            targets = continuous_targets(batch, coords)
+        out = train_forward(params, coords, arch)
+        err = (out - targets).pow(2)
         if batch.uniform:
             return err.mean(dim=(1, 2))
         return (err.sum(dim=2) * batch.weights).sum(dim=1) / 3.0
@@ -174,16 +234,24 @@ def _per_image_loss(params: siren.SirenParams, batch: FitBatch, arch: Architectu
         coords = batch.coords[idx]  # [N, P, 2]
     else:
         coords = torch.gather(batch.coords, 1, idx[..., None].expand(-1, -1, 2))
-    targets = torch.gather(batch.targets, 1, idx[..., None].expand(-1, -1, 3))
+    if jitter > 0:
+        coords = jitter_coords(coords, batch.extent, jitter, generator)
+        targets = continuous_targets(batch, coords)
+    else:
+        targets = torch.gather(batch.targets, 1, idx[..., None].expand(-1, -1, 3))
     out = train_forward(params, coords, arch)
     return (out - targets).pow(2).mean(dim=(1, 2))
 
 
 def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, *, steps: int, lr: float,
-                keep: torch.Tensor | None = None, pixel_fraction: float = 1.0,
+                keep: torch.Tensor | None = None, pixel_fraction: float = 1.0, jitter: float = 0.0,
                 generator: torch.Generator | None = None, on_step=None, compiled_loss=None) -> None:
     """Adam with cosine decay (lr -> 0 over `steps`) on the sum of per-image MSEs, in place.
-    `keep` [N,H,W,W] holds pruned hidden weights at exactly zero (grads and weights masked)."""
+    `keep` [N,H,W,W] holds pruned hidden weights at exactly zero (grads and weights masked).
+    `jitter` (0..1): fraction of the samples fitted at a random point of their pixel cell against the
+    bilinearly interpolated image (see _per_image_loss); `generator` draws the pixel samples and the jitter."""
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be in [0, 1] (a fraction of the samples), got {jitter!r}")
     device = batch.targets.device
     fused = device.type == "cuda"
     opt = torch.optim.Adam(list(params), lr=lr, fused=fused, foreach=None if fused else True)
@@ -200,7 +268,7 @@ def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, 
         for group in opt.param_groups:
             group["lr"] = group_lr
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(params, batch, arch, sample_count, generator).sum()
+        loss = loss_fn(params, batch, arch, sample_count, generator, jitter).sum()
         loss.backward()
         if keep_f is not None:
             params.hidden_w.grad.mul_(keep_f)
@@ -275,12 +343,14 @@ class FitResult:
 
 def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round, ...], *,
                prune_rule=None, quant: int = 8, seed: int = 0, batch_index: int = 0, device="cpu",
-               pixel_fraction: float = 1.0, originals: list[np.ndarray] | None = None, on_step=None,
-               compiled_loss=None) -> FitResult:
+               pixel_fraction: float = 1.0, jitter: float = 0.0, originals: list[np.ndarray] | None = None,
+               on_step=None, compiled_loss=None, float_dtype: str = "float32") -> FitResult:
     """Fit one batch through every round, prune, quantize; return what the writer needs.
 
     images: uint8 [h, w, 3] at fitting resolution; originals: the source pixels the index PSNR is
-    measured against (default: fit_images). on_step(steps_done_in_batch) is called after every step."""
+    measured against (default: fit_images). on_step(steps_done_in_batch) is called after every step.
+    float_dtype: storage type of the first/last layers and biases; "float16" rounds them before the PSNR
+    is measured, so the recorded PSNR is that of the stored model."""
     device = torch.device(device)
     n = len(images)
     rng_seed = batch_seed(seed, batch_index)
@@ -288,7 +358,7 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
     params = siren.init_params(arch, n, generator=init_gen, device=device)
     params = siren.SirenParams(*(t.requires_grad_(True) for t in params))
     sample_gen = None
-    if pixel_fraction < 1.0:
+    if pixel_fraction < 1.0 or jitter > 0.0:  # pixel samples and jitter, one stream per batch
         sample_gen = torch.Generator(device=device).manual_seed(rng_seed ^ 0x5EED)
     batch = prepare_batch(images, device)
     keep = None
@@ -310,14 +380,19 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
                 on_step(base + k)
 
         train_round(params, batch, arch, steps=r.steps, lr=r.lr, keep=keep, pixel_fraction=pixel_fraction,
-                    generator=sample_gen, on_step=stepped, compiled_loss=compiled_loss)
+                    jitter=jitter, generator=sample_gen, on_step=stepped, compiled_loss=compiled_loss)
         done += r.steps
     with torch.no_grad():
         fitted_psnr = fit_psnr(params, batch, arch)
         q, scale = quantize_hidden(params.hidden_w.detach(), quant)
-        final = siren.SirenParams(params.first_w.detach(), params.first_b.detach(),
-                                  dequantize_hidden(q, scale), params.hidden_b.detach(),
-                                  params.last_w.detach(), params.last_b.detach())
+
+        def stored(t):  # what the file will hold for a float (non-hidden-weight) parameter
+            t = t.detach()
+            return t.half().float() if float_dtype == "float16" else t
+
+        final = siren.SirenParams(stored(params.first_w), stored(params.first_b),
+                                  dequantize_hidden(q, scale), stored(params.hidden_b),
+                                  stored(params.last_w), stored(params.last_b))
         psnr = psnr_against(final, originals if originals is not None else images, arch)
     del batch
     ratio = mask_ratio(keep, n) if keep is not None else torch.zeros(n)
@@ -510,7 +585,7 @@ def _valid_part(work: Path, b: int, settings_hash: str, start: int, stop: int):
 
 
 def _settings(preset: Preset, schedule, *, src, source, batch_size, seed, device, max_side, pixel_fraction,
-              tf32, quant, prune, shard) -> dict:
+              jitter, tf32, quant, prune, shard) -> dict:
     n = len(source)
     return {
         "settings_version": 1,
@@ -532,6 +607,7 @@ def _settings(preset: Preset, schedule, *, src, source, batch_size, seed, device
         "device": device.type,
         "max_side": max_side,
         "pixel_fraction": float(pixel_fraction),
+        "jitter": float(jitter),
         "tf32": bool(tf32),
         "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
     }
@@ -548,12 +624,16 @@ def _check_int(name: str, value, minimum: int):
 def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="auto", seed=0,
             overwrite=False, resume=False, max_side=None, on_error="skip", shard=None,
             prune=True, quant=8, reproducible=False, progress=True, h5_images=None, h5_labels=None,
-            pixel_fraction=None, tf32=None, torch_compile=False) -> dict:
+            pixel_fraction=None, jitter=None, tf32=None, torch_compile=False, float_dtype="float32") -> dict:
     """Encode every image of SRC into the .inr file OUT; see the module docstring for the pipeline.
 
     pixel_fraction: fraction of each image's pixels fitted per step (None: the preset's default for the
-    device); tf32: TF32 matmuls on CUDA (None: the preset's default); torch_compile: run the loss
-    (forward + its backward) through torch.compile. Returns a summary dict:
+    device); jitter: fraction of the fitting samples moved to a random point of their pixel cell, with
+    bilinearly interpolated targets (0 = pixel centres only; None: the preset's default); tf32: TF32
+    matmuls on CUDA (None: the preset's default); torch_compile: run the loss (forward + its backward)
+    through torch.compile; float_dtype: storage of the first/last layers and biases ("float32", the
+    paper's full precision, or "float16": about a quarter smaller files for the small presets). Returns a
+    summary dict:
     out, num_images, skipped, skipped_items, psnr_mean, prune_ratio_mean, img_steps_per_s, seconds,
     batches, batches_encoded, batches_reused, shard, rank."""
     t_start = time.perf_counter()
@@ -570,8 +650,13 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         raise InrUsageError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     if quant not in QUANT_BITS:
         raise InrUsageError(f"quant must be one of {', '.join(map(str, QUANT_BITS))}, got {quant!r}")
+    if float_dtype not in ("float32", "float16"):
+        raise InrUsageError(f"float_dtype must be 'float32' or 'float16', got {float_dtype!r}")
     if pixel_fraction is not None and not (isinstance(pixel_fraction, (int, float)) and 0 < pixel_fraction <= 1):
         raise InrUsageError(f"pixel_fraction must be in (0, 1], got {pixel_fraction!r}")
+    if jitter is not None and (isinstance(jitter, bool) or not isinstance(jitter, (int, float))
+                               or not 0 <= jitter <= 1):
+        raise InrUsageError(f"jitter must be in [0, 1] (the fraction of fitting samples jittered), got {jitter!r}")
     shard_kn = parse_shard(shard)
     dist_info = None if shard_kn is not None else _distributed_rank()
     local_rank = dist_info[2] if dist_info else None
@@ -593,6 +678,7 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         batch_size = preset_obj.batch_size(dev.type)
     if pixel_fraction is None:
         pixel_fraction = preset_obj.pixel_fraction(dev.type)
+    jitter = float(preset_obj.jitter if jitter is None else jitter)
     use_tf32 = (preset_obj.tf32 if tf32 is None else bool(tf32)) and dev.type == "cuda"
     schedule = preset_obj.schedule(steps, prune=prune)
 
@@ -604,9 +690,10 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         target = Path(part_path(out_path, rank, world))
         _check_out(target, overwrite or resume, "part file")
     settings = _settings(preset_obj, schedule, src=src, source=source, batch_size=batch_size, seed=seed,
-                         device=dev, max_side=max_side, pixel_fraction=pixel_fraction, tf32=use_tf32,
-                         quant=quant, prune=prune, shard=shard_kn)
+                         device=dev, max_side=max_side, pixel_fraction=pixel_fraction, jitter=jitter,
+                         tf32=use_tf32, quant=quant, prune=prune, shard=shard_kn)
     settings["torch_compile"] = bool(torch_compile)
+    settings["float_dtype"] = float_dtype
     settings_hash = hashlib.sha256(_json(settings).encode()).hexdigest()[:16]
     # The same for every shard of one run (merge checks that parts belong together): leaves out what may
     # differ between the machines of one job without changing which images go where.
@@ -625,9 +712,9 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
     if summary is None:
         summary = _encode(source, target, preset_obj, schedule, settings, settings_hash, base_meta, shard_meta,
                           shard_kn=shard_kn, batch_size=batch_size, seed=seed, dev=dev, max_side=max_side,
-                          pixel_fraction=pixel_fraction, use_tf32=use_tf32, quant=quant, on_error=on_error,
-                          overwrite=overwrite, resume=resume, reproducible=reproducible, progress=progress,
-                          torch_compile=bool(torch_compile))
+                          pixel_fraction=pixel_fraction, jitter=jitter, use_tf32=use_tf32, quant=quant,
+                          on_error=on_error, overwrite=overwrite, resume=resume, reproducible=reproducible,
+                          progress=progress, torch_compile=bool(torch_compile))
     summary["rank"] = rank
     if dist_info is not None:
         rank, world, _ = dist_info
@@ -658,6 +745,7 @@ def _base_metadata(preset: Preset, settings: dict, src, source, dev: torch.devic
         "batch_size": str(settings["batch_size"]),
         "max_side": "none" if settings["max_side"] is None else str(settings["max_side"]),
         "pixel_fraction": repr(settings["pixel_fraction"]),
+        "jitter": repr(settings["jitter"]),
         "tf32": "yes" if settings["tf32"] else "no",
         "prune": "yes" if settings["prune"] else "no",
         "quant": str(settings["quant"]),
@@ -746,8 +834,8 @@ def _wait_for_parts(parts: list[str], settings_hash: str, world: int, progress: 
 
 def _encode(source, target: Path, preset: Preset, schedule, settings: dict, settings_hash: str,
             base_meta: dict, shard_meta: dict, *, shard_kn, batch_size: int, seed: int, dev: torch.device,
-            max_side, pixel_fraction: float, use_tf32: bool, quant: int, on_error: str, overwrite: bool,
-            resume: bool, reproducible: bool, progress: bool, torch_compile: bool = False) -> dict:
+            max_side, pixel_fraction: float, jitter: float, use_tf32: bool, quant: int, on_error: str,
+            overwrite: bool, resume: bool, reproducible: bool, progress: bool, torch_compile: bool = False) -> dict:
     """Encode this process's batches into the work dir, then merge them into `target`."""
     from tqdm.auto import tqdm
 
@@ -791,6 +879,7 @@ def _encode(source, target: Path, preset: Preset, schedule, settings: dict, sett
     total_images = sum(stop - start for start, stop in ranges.values())
     arch = preset.arch
     hidden_dtype = HIDDEN_DTYPE_NAMES[quant]
+    float_dtype = settings["float_dtype"]
     has_masks = bool(settings["prune"]) and any(r.prune != "none" for r in schedule)
     steps_per_image = sum(r.steps for r in schedule)
 
@@ -865,8 +954,9 @@ def _encode(source, target: Path, preset: Preset, schedule, settings: dict, sett
 
                 result = fit_images([g[4] for g in loaded.good], arch, schedule, prune_rule=preset.prune_rule,
                                     quant=quant, seed=seed, batch_index=b, device=dev,
-                                    pixel_fraction=pixel_fraction, originals=[g[3] for g in loaded.good],
-                                    on_step=on_step, compiled_loss=compiled_loss)
+                                    pixel_fraction=pixel_fraction, jitter=jitter,
+                                    originals=[g[3] for g in loaded.good],
+                                    on_step=on_step, compiled_loss=compiled_loss, float_dtype=float_dtype)
             seconds = time.perf_counter() - t0
             info = {
                 "batch": b, "start": start, "stop": stop, "settings_hash": settings_hash,
@@ -878,7 +968,8 @@ def _encode(source, target: Path, preset: Preset, schedule, settings: dict, sett
             }
             # The info file first: a part file without one is redone, one without a part is redone too.
             _atomic_write_text(_part_info_file(work, b), _json(info))
-            with InrWriter(_part_file(work, b), arch, hidden_dtype=hidden_dtype, has_masks=has_masks,
+            with InrWriter(_part_file(work, b), arch, hidden_dtype=hidden_dtype, float_dtype=float_dtype,
+                           has_masks=has_masks,
                            classes=source.classes, metadata={}) as writer:
                 if result is not None:
                     wb = result.weights
@@ -924,8 +1015,8 @@ def _encode(source, target: Path, preset: Preset, schedule, settings: dict, sett
     if len(batches):
         merge_files([_part_file(work, b) for b in batches], target, metadata=meta)
     else:  # an empty shard (more shards than batches) still gets its part file
-        with InrWriter(target, arch, hidden_dtype=hidden_dtype, has_masks=has_masks, classes=source.classes,
-                       metadata=meta):
+        with InrWriter(target, arch, hidden_dtype=hidden_dtype, float_dtype=float_dtype, has_masks=has_masks,
+                       classes=source.classes, metadata=meta):
             pass
     shutil.rmtree(work, ignore_errors=True)
     summary = _file_summary(target)

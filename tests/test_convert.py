@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import inrfmt.encode as encode_module
 from inrfmt.encode import convert, merge, part_path, work_dir_for
 from inrfmt.errors import InrUsageError
 from inrfmt.format import InrFile
@@ -67,6 +68,9 @@ def test_usage_errors(tmp_path):
         (dict(src=src, out=out, quant=4), "4"),
         (dict(src=src, out=out, steps=0), "0"),
         (dict(src=src, out=out, batch_size=-1), "-1"),
+        (dict(src=src, out=out, jitter=1.5), "1.5"),
+        (dict(src=src, out=out, jitter=-0.25), "-0.25"),
+        (dict(src=src, out=out, jitter="half"), "half"),
     ]
     for kwargs, named in cases:
         with pytest.raises(InrUsageError, match=None) as info:
@@ -95,6 +99,25 @@ def test_cli_usage_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_resume_needs_the_same_jitter(tmp_path, monkeypatch):
+    # The jitter changes the fit, so it is one of the settings a resumed run must match.
+    src = tiny_folder(tmp_path / "src", 3)
+    out = tmp_path / "o.inr"
+    common = dict(steps=3, batch_size=1, progress=False, device="cpu", reproducible=True)
+    with monkeypatch.context() as m:  # keep the work directory, as a run killed after its last batch would
+        m.setattr(encode_module.shutil, "rmtree", lambda *a, **k: None)
+        convert(src, out, jitter=0.25, **common)
+    first = out.read_bytes()
+    out.unlink()
+    with pytest.raises(InrUsageError, match=r"settings differ.*jitter: 0\.25 -> 1\.0"):
+        convert(src, out, jitter=1.0, resume=True, **common)
+    summary = convert(src, out, jitter=0.25, resume=True, **common)
+    assert summary["batches_reused"] == 3 and summary["batches_encoded"] == 0
+    assert out.read_bytes() == first and not work_dir_for(out).exists()
+    with InrFile(out) as f:
+        assert f.metadata["jitter"] == "0.25"
 
 
 # ------------------------------------------------------------------------------------------ bad input

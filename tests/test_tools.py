@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from inrfmt.presets import PRESETS
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"
 if str(TOOLS) not in sys.path:
@@ -48,17 +50,21 @@ def run_tool(script: str, *args, check=True) -> subprocess.CompletedProcess:
 def rd_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("rd")
     run_tool("rd_curve.py", PHOTOS, "--square", "16", "--crops", "2", "--presets", "fast", "--steps", "20",
-             "--variants", "prune-int8", "noprune-fp16", "--jpeg-qualities", "10", "90",
+             "--variants", "prune-int8", "noprune-fp16", "prune-int8-f16", "--jpeg-qualities", "10", "90",
              "--webp-qualities", "50", "--avif-qualities", "50", "--device", "cpu", "--out", out)
     return out, json.loads((out / "rd.json").read_text())
 
 
 def test_rd_curve_json_and_plot(rd_result):
     out, rd = rd_result
-    assert rd["tool"] == "rd_curve" and rd["images"] == 2 * 7 and rd["image_sizes"] == "16x16"
+    from inrfmt.sources import open_source
+    assert rd["tool"] == "rd_curve" and rd["images"] == 2 * len(open_source(str(PHOTOS)))
+    assert rd["image_sizes"] == "16x16"
     assert (out / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     methods = [p["method"] for p in rd["points"]]
-    assert methods.count("jpeg") == 2 and methods.count("webp") == 1 and methods.count("inrfmt") == 2
+    assert methods.count("jpeg") == 2 and methods.count("webp") == 1
+    f16_skipped = any("float_dtype" in note for note in rd["notes"])  # convert() without that option
+    assert methods.count("inrfmt") == (2 if f16_skipped else 3)
     from PIL import features
     assert methods.count("avif") == (1 if features.check("avif") else 0)
     for p in rd["points"]:
@@ -78,9 +84,14 @@ def test_rd_curve_inr_points_match_their_files(rd_result):
         assert p["bytes_per_image"] == pytest.approx(p["file_bytes"] / rd["images"])
         # our uint8 decode and the PSNR the encoder stored differ only by the uint8 rounding
         assert abs(p["psnr_mean"] - p["psnr_index_mean"]) < 0.5
-        assert p["arch"] == "3x16"
+        arch = PRESETS["fast"].arch
+        assert p["arch"] == f"{arch.sine_layers}x{arch.width}"
         assert ("jpeg_psnr_at_equal_bytes" in p) and isinstance(p["beats_jpeg"], bool)
     assert ours["prune-int8"]["quant"] == 8 and ours["noprune-fp16"]["quant"] == 16
+    assert ours["prune-int8"]["hidden_dtype"] == "int8" and ours["noprune-fp16"]["hidden_dtype"] == "float16"
+    if "prune-int8-f16" in ours:  # float16 first/last layers and biases: smaller than float32 ones
+        assert ours["prune-int8-f16"]["float_dtype"] == "float16"
+        assert ours["prune-int8-f16"]["file_bytes"] < ours["prune-int8"]["file_bytes"]
     assert ours["noprune-fp16"]["prune_ratio_mean"] == 0.0
     # fp16 hidden weights take twice the bytes of int8 ones
     assert ours["noprune-fp16"]["file_bytes"] > ours["prune-int8"]["file_bytes"]
@@ -270,3 +281,30 @@ def test_every_planned_command_parses(plan_name, tmp_path):
             assert getattr(args, "device") == steps["device"]
     pipelines = {argv[argv.index("--pipeline") + 1] for argv in steps["train"]}
     assert pipelines == set(bench_train.PIPELINES)
+
+
+def test_accuracy_reads_a_cifar10_folder(tmp_path):
+    # a CIFAR-10-format folder (pickled dicts of uint8 [N, 3*32*32] rows) holding real images of the sample
+    import pickle
+
+    from PIL import Image
+    images, labels = [], []
+    for k, folder in enumerate(sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:4]):
+        for path in sorted(folder.iterdir())[:6]:
+            img = np.asarray(Image.open(path).convert("RGB").resize((32, 32)))
+            images.append(img.transpose(2, 0, 1).reshape(-1))
+            labels.append(k)
+    data, labels = np.stack(images), np.array(labels)
+    test_rows = np.arange(len(labels)) % 3 == 0
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name, rows in (("data_batch_1", ~test_rows), ("test_batch", test_rows)):
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": data[rows], b"labels": labels[rows].tolist()}, f, protocol=2)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        acc = accuracy.main(["--cifar10", str(root), "--epochs", "1", "--steps", "5", "--device", "cpu",
+                             "--work", str(tmp_path / "work")])
+    assert acc["train_images"] == int((~test_rows).sum()) and acc["test_images"] == int(test_rows.sum())
+    assert acc["image_size"] == [32, 32] and acc["num_classes"] == 4 and acc["dataset"] == "cifar10"
+    assert 0.0 <= acc["inr"]["test_accuracy"] <= 1.0 and acc["inr_file"]["bytes_per_image"] > 0

@@ -175,7 +175,10 @@ def encode_train(train: Split, args, work: Path) -> tuple[Path, dict, float]:
         return path, {}, 0.0
     work.mkdir(parents=True, exist_ok=True)
     npz = work / "train.npz"
-    np.savez(npz, images=train.images, labels=train.labels, classes=np.array(train.classes, dtype=str))
+    arrays = {"images": train.images, "labels": train.labels}
+    if train.classes:
+        arrays["classes"] = np.array(train.classes, dtype=str)
+    np.savez(npz, **arrays)
     out = work / "train.inr"
     t0 = time.perf_counter()
     summary = inrfmt.convert(str(npz), str(out), preset=args.preset, steps=args.steps, prune=args.prune,
@@ -267,6 +270,7 @@ def aggregate(runs: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="accuracy.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("data")
     src.add_argument("--data", default=str(REPO / "data" / "sample"))

@@ -58,7 +58,8 @@ def plan(name: str, results: Path) -> dict:
         data_only = base + ["--data-only", "--batch-size", "64", "--steps", "30", "--warmup", "2"]
         return {
             "device": "cpu",
-            "rd": [["data/photos", "--square", "32", "--crops", "10", "--presets", "fast", "--device", "cpu",
+            "rd": [["data/photos", "--square", "32", "--crops", "10", "--presets", "fast", "--variants",
+                    "prune-int8", "noprune-int8", "prune-fp16", "noprune-fp16", "prune-int8-f16", "--device", "cpu",
                     "--out", res, "--work", f"{work}/rd"]],
             "accuracy": [["--data", "data/sample", "--model", "small", "--epochs", "15", "--repeats", "2",
                           "--device", "cpu", "--work", f"{work}/accuracy", "--out", f"{res}/accuracy.json"]],
@@ -74,7 +75,7 @@ def plan(name: str, results: Path) -> dict:
         return {
             "device": "cpu", "train": [],
             "rd": [["data/photos", "--square", "32", "--crops", "20", "--presets", "fast", "rapid-inr-cifar10:1000",
-                    "--variants", "prune-int8", "noprune-int8", "--device", "cpu", "--out", res,
+                    "--variants", "prune-int8", "noprune-int8", "prune-int8-f16", "--device", "cpu", "--out", res,
                     "--work", f"{work}/rd"]],
             "accuracy": [["--fashion-mnist", str(FASHION_MNIST), "--max-train", "2000", "--max-test", "1000",
                           "--model", "small", "--epochs", "10", "--repeats", "2", "--device", "cpu",
@@ -99,6 +100,7 @@ def plan(name: str, results: Path) -> dict:
         return {
             "device": "cuda",
             "rd": [["data/photos", "--square", "32", "--crops", "100", "--presets", "rapid-inr-cifar10", "fast",
+                    "--variants", "prune-int8", "noprune-int8", "prune-fp16", "noprune-fp16", "prune-int8-f16",
                     "--device", "cuda", "--out", res, "--work", f"{work}/rd"]],
             "accuracy": [acc_data + ["--preset", "rapid-inr-cifar10", "--steps", "1000", "--device", "cuda",
                                      "--work", f"{work}/accuracy", "--out", f"{res}/accuracy.json"]],
@@ -172,13 +174,15 @@ def rd_markdown(rd: dict, commands: list[str], png: str) -> str:
     lines = [f"Command: `{commands[0]}`" if commands else "", "",
              f"Machine: {machine_line(rd['env'])}.", "",
              f"Images: {rd['images']} {'random crops' if rd.get('crops_per_image') else 'images'} "
-             f"({rd['image_sizes']}) from `{rd['src']}`; encoder steps: {rd.get('steps') or 'preset default'}.", "",
+             f"({rd['image_sizes']}) from `{rd['src']}`. Steps = convert's `steps` (round 1; the pruning rounds "
+             f"scale with it), so a `noprune` row also trained for fewer steps in all than its `prune` row.", "",
              "| method | setting | bytes/image | bits/pixel | mean PSNR (dB) | p10 PSNR | JPEG at equal bytes "
              "| vs JPEG |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for p in rd["points"]:
         if p["method"] == "inrfmt":
-            setting = f"{p['preset']} {p['arch']}, {p['variant']} (pruned {p['prune_ratio_mean']:.1%})"
+            steps = p.get("steps") or "preset's"
+            setting = f"{p['preset']} {p['arch']}, {steps} steps, {p['variant']} (pruned {p['prune_ratio_mean']:.1%})"
             ref = p.get("jpeg_psnr_at_equal_bytes")
             if ref is not None:
                 verdict = f"{p['psnr_gain_vs_jpeg_db']:+.2f} dB"
@@ -240,8 +244,11 @@ def train_markdown(rows: list[dict], commands: list[str], png: str) -> str:
         ok = {run_key(r): r for r in sel if r.get("status") == "ok"}
         raw = ok.get("gpu-raw")
         torch1 = ok.get("torch (1 worker)")
-        title = "training step (model + data)" if mode == "train" else "input pipeline alone (--data-only)"
-        lines += [f"**{model}, {size}x{size}, batch {batch}, {precision}: {title}**", "",
+        if mode == "train":
+            title = f"{model} training step (model + data), {size}x{size}, batch {batch}, {precision}"
+        else:
+            title = f"input pipeline alone (--data-only, no model), {size}x{size}, batch {batch}"
+        lines += [f"**{title}**", "",
                   "| pipeline | img/s | epoch (s) | × gpu-raw | × torch (1 worker) | notes |",
                   "|---|---:|---:|---:|---:|---|"]
         for r in sel:
@@ -313,15 +320,16 @@ def summary_markdown(bundle: dict) -> str:
                      f"and {acc['inr_file']['psnr_mean']:.1f} dB — drop {drop:+.1f} points "
                      f"({'met' if drop <= 2 else 'NOT met'}: target ≤ 2{spread}).")
     rows = [r for r in bundle.get("train", []) if r.get("status") == "ok"]
-    for key in sorted({(r["size"], r["model"], r.get("mode", "train")) for r in rows}, key=str):
+    for key in sorted({(r["size"], r["model"], r.get("mode", "train")) for r in rows},
+                      key=lambda k: (k[0], k[1], k[2] != "train")):
         size, model, mode = key
         ok = {run_key(r): r for r in rows if (r["size"], r["model"], r.get("mode", "train")) == key}
         inr, raw, t1 = ok.get("inr"), ok.get("gpu-raw"), ok.get("torch (1 worker)")
         if inr and raw and t1:
             a, b = inr["img_per_s"] / raw["img_per_s"], inr["img_per_s"] / t1["img_per_s"]
             dev = inr["env"].get("gpu") or inr["env"].get("device")
-            what = "training" if mode == "train" else "input pipeline alone"
-            line = (f"- Training speed, {what} ({model}, {size}x{size}, {dev}): inr {inr['img_per_s']:,.0f} img/s = "
+            what = f"{model} training" if mode == "train" else "input pipeline alone"
+            line = (f"- Training speed, {what} ({size}x{size}, {dev}): inr {inr['img_per_s']:,.0f} img/s = "
                     f"{a:.2f} × gpu-raw, {b:.2f} × torch with 1 worker")
             if mode == "train":
                 line += (f" (targets ≥ 0.9 × gpu-raw: {'met' if a >= 0.9 else 'NOT met'}; ≥ 6 × torch 1 worker: "
@@ -373,6 +381,7 @@ def render(bundle: dict, results: Path, md: Path | None) -> list[str]:
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench_all.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--cpu", action="store_true", help="the CPU-sized plan (make bench)")

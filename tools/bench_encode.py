@@ -8,8 +8,9 @@
 Images are crops of the bundled real photographs (data/photos), Lanczos-resized. Each config times one
 plain fitting round (Adam, cosine decay, MSE) with `inrfmt.encode.train_round`, after a few warm-up steps,
 with the device synchronised around the timed region; PSNR is measured over every pixel at the end.
-Output: JSON lines with device, date, torch version, arch, size, batch, steps, pixel_fraction, tf32,
-compile, img_steps_per_s, psnr_mean, psnr_p10.
+Output: JSON lines with device, date, torch version, arch, size, batch, steps, pixel_fraction, jitter,
+tf32, compile, img_steps_per_s, psnr_mean, psnr_p10 (PSNR at pixel centres; for quality between them see
+tools/bench_upsample.py).
 """
 from __future__ import annotations
 
@@ -67,27 +68,28 @@ def sync(device):
 
 
 def run(config: str, device: torch.device, lr: float, pixel_fraction: float, tf32: bool, compile_: bool,
-        warmup: int = 5) -> dict:
+        warmup: int = 5, jitter: float = 0.0) -> dict:
     arch, size, batch, steps, lr = parse_config(config, lr)
     images = photo_crops(batch, size)
     fit = prepare_batch(images, device)
     params = siren.init_params(arch, batch, generator=torch.Generator().manual_seed(0), device=device)
     params = siren.SirenParams(*(t.requires_grad_(True) for t in params))
-    gen = torch.Generator(device=device).manual_seed(1) if pixel_fraction < 1 else None
+    gen = torch.Generator(device=device).manual_seed(1) if pixel_fraction < 1 or jitter > 0 else None
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     result = {"config": config, "arch": f"{arch.sine_layers}x{arch.width}", "size": size, "batch": batch,
-              "steps": steps, "lr": lr, "pixel_fraction": pixel_fraction, "tf32": tf32, "compile": compile_}
+              "steps": steps, "lr": lr, "pixel_fraction": pixel_fraction, "jitter": jitter, "tf32": tf32,
+              "compile": compile_}
     try:
         loss = torch.compile(_per_image_loss, dynamic=False) if compile_ else None
         # Warm-up on a throwaway copy (allocator, kernels, compilation), then the timed fit from init.
         scratch = siren.SirenParams(*(t.detach().clone().requires_grad_(True) for t in params))
-        train_round(scratch, fit, arch, steps=warmup, lr=lr, pixel_fraction=pixel_fraction, generator=gen,
-                    compiled_loss=loss)
+        train_round(scratch, fit, arch, steps=warmup, lr=lr, pixel_fraction=pixel_fraction, jitter=jitter,
+                    generator=gen, compiled_loss=loss)
         sync(device)
         t0 = time.perf_counter()
-        train_round(params, fit, arch, steps=steps, lr=lr, pixel_fraction=pixel_fraction, generator=gen,
-                    compiled_loss=loss)
+        train_round(params, fit, arch, steps=steps, lr=lr, pixel_fraction=pixel_fraction, jitter=jitter,
+                    generator=gen, compiled_loss=loss)
         sync(device)
         seconds = time.perf_counter() - t0
         psnr = fit_psnr(params, fit, arch).cpu().numpy()
@@ -108,6 +110,8 @@ def main(argv=None):
                     help="the issue's GPU configs, each in fp32 / TF32 / TF32+25%% pixels")
     ap.add_argument("--lr", type=float, default=2e-3, help="lr of configs that do not give one")
     ap.add_argument("--pixel-fraction", type=float, default=1.0)
+    ap.add_argument("--jitter", type=float, default=0.0,
+                    help="fraction of samples fitted at a random point of their pixel cell (bilinear targets)")
     ap.add_argument("--tf32", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the loss (forward) function")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -130,7 +134,7 @@ def main(argv=None):
         for cfg in args.config or CPU_CONFIGS:
             runs.append((cfg, args.pixel_fraction, args.tf32, args.compile))
     for cfg, frac, tf32, comp in runs:
-        res = run(cfg, device, args.lr, frac, tf32 and device.type == "cuda", comp)
+        res = run(cfg, device, args.lr, frac, tf32 and device.type == "cuda", comp, jitter=args.jitter)
         print(json.dumps({**header, **res}), flush=True)
 
 

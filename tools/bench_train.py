@@ -177,12 +177,9 @@ def inr_batches(ds, args):
     import torch
 
     from inrfmt import augment as A
-    crop_cls = getattr(A, "RandomCrop", None) or getattr(A, "RandomTranslate", None)
-    if crop_cls is None:
-        raise ToolError("inrfmt.augment has neither RandomCrop nor RandomTranslate")
     # Resize first: a coordinate map, the identity when the file holds size x size images (a --inr file
     # of another size is brought to the same input as the other pipelines)
-    aug = A.Compose([A.Resize((args.size, args.size)), crop_cls(args.size, padding=args.size // 8),
+    aug = A.Compose([A.Resize((args.size, args.size)), A.RandomCrop(args.size, padding=args.size // 8),
                      A.RandomHorizontalFlip(0.5), A.Normalize([MEAN] * 3, [STD] * 3)])
     if len(ds) < args.batch_size:
         raise ToolError(f"{ds.file.path}: {len(ds)} images, fewer than --batch-size {args.batch_size}")
@@ -426,6 +423,7 @@ def plot(rows: list[dict], png: Path) -> Path:
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench_train.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", choices=PIPELINES)
     p.add_argument("--data", default=str(REPO / "data" / "sample"),

@@ -132,7 +132,8 @@ def summarize(values) -> dict:
 
 # ------------------------------------------------------------------------------------------------ images
 def load_samples(src, *, max_images: int | None = None, square: int | None = None):
-    """Read up to `max_images` images of an inrfmt source (any kind convert accepts) into memory.
+    """Read up to `max_images` images of an inrfmt source (any kind convert accepts, or a list of CIFAR
+    batch files) into memory.
 
     Returns (samples, classes, skipped): samples = list of (key, uint8 HWC RGB, label). Items the source
     reports as bad are skipped and counted. `square`: centre-crop to a square and resize to square x square
@@ -140,7 +141,7 @@ def load_samples(src, *, max_images: int | None = None, square: int | None = Non
     """
     from inrfmt.sources import SourceItemError, open_source
 
-    source = open_source(str(src))
+    source = open_source([str(p) for p in src] if isinstance(src, (list, tuple)) else str(src))
     n = len(source) if max_images is None else min(len(source), max_images)
     samples, skipped = [], 0
     for i in range(n):

@@ -34,12 +34,15 @@ import numpy as np  # noqa: E402
 from plot_util import (REPO, ToolError, environment, load_samples, psnr_uint8, pyplot, resolve_device,  # noqa: E402
                        run_main, save_figure, summarize, write_image_folder, write_json)
 
-VARIANTS = {  # name -> convert(prune=..., quant=...)
-    "prune-int8": (True, 8),
-    "noprune-int8": (False, 8),
-    "prune-fp16": (True, 16),
-    "noprune-fp16": (False, 16),
+VARIANTS = {  # name -> convert(prune=..., quant=..., float_dtype=...); None: convert's default
+    "prune-int8": (True, 8, None),
+    "noprune-int8": (False, 8, None),
+    "prune-fp16": (True, 16, None),
+    "noprune-fp16": (False, 16, None),
+    # first/last layers, biases and scales in float16 too: only where convert has a float_dtype option
+    "prune-int8-f16": (True, 8, "float16"),
 }
+DEFAULT_VARIANTS = ("prune-int8", "noprune-int8", "prune-fp16", "noprune-fp16")
 DEFAULT_JPEG_QUALITIES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 98, 100)
 DEFAULT_WEBP_QUALITIES = (1, 10, 30, 50, 70, 90)
 DEFAULT_AVIF_QUALITIES = (10, 30, 50, 70, 90)
@@ -131,11 +134,12 @@ def decoded_psnrs(inr_path: Path, samples, device: str) -> list[float]:
 
 def inr_point(png_tree: Path, samples, preset: str, steps: int | None, variant: str, args, work: Path) -> dict:
     import inrfmt
-    prune, quant = VARIANTS[variant]
+    prune, quant, float_dtype = VARIANTS[variant]
     out = work / f"{preset}-{variant}-s{steps}.inr"
+    extra = {"float_dtype": float_dtype} if float_dtype else {}
     t0 = time.perf_counter()
     summary = inrfmt.convert(str(png_tree), str(out), preset=preset, steps=steps, prune=prune, quant=quant,
-                             device=args.device_resolved, seed=args.seed, overwrite=True, progress=False)
+                             device=args.device_resolved, seed=args.seed, overwrite=True, progress=False, **extra)
     seconds = time.perf_counter() - t0
     psnrs = decoded_psnrs(out, samples, args.device_resolved)
     file_bytes = out.stat().st_size
@@ -146,13 +150,14 @@ def inr_point(png_tree: Path, samples, preset: str, steps: int | None, variant: 
         arch = f"{f.arch.sine_layers}x{f.arch.width}"
         params = f.arch.params_per_image
         index_psnr = float(np.mean(f.index["psnr"]))
+        dtypes = {"hidden_dtype": str(f.hidden_dtype), "float_dtype": str(f.float_dtype)}
     stats = summarize(psnrs)
     return {"method": "inrfmt", "preset": preset, "variant": variant, "prune": prune, "quant": quant,
             "steps": steps, "arch": arch, "params_per_image": params,
             "bytes_per_image": file_bytes / len(samples), "bits_per_pixel": 8.0 * file_bytes / pixels,
             "file_bytes": file_bytes, "psnr_mean": stats["mean"], "psnr_p10": stats["p10"], "psnr_min": stats["min"],
             "psnr_index_mean": index_psnr, "prune_ratio_mean": prune_ratio, "images": len(samples),
-            "encode_seconds": seconds, "img_steps_per_s": summary.get("img_steps_per_s")}
+            "encode_seconds": seconds, "img_steps_per_s": summary.get("img_steps_per_s"), **dtypes}
 
 
 def jpeg_psnr_at(bytes_per_image: float, jpeg_points: list[dict]) -> float | None:
@@ -196,15 +201,17 @@ def plot(result: dict, png: Path) -> Path:
             ax.plot([p["bytes_per_image"] for p in pts], [p["psnr_mean"] for p in pts], marker=marker, ms=4,
                     color=color, label=f"{codec.upper()} (Pillow)")
     ours = [p for p in result["points"] if p["method"] == "inrfmt"]
-    presets = sorted({p["preset"] for p in ours})
+    presets = sorted({(p["preset"], p.get("steps") or 0) for p in ours})
     colors = ["tab:red", "tab:orange", "tab:brown", "tab:pink", "black"]
-    for k, preset in enumerate(presets):
-        for p in (q for q in ours if q["preset"] == preset):
+    for k, (preset, steps) in enumerate(presets):
+        for p in (q for q in ours if (q["preset"], q.get("steps") or 0) == (preset, steps)):
             filled = p["prune"]
-            marker = "D" if p["quant"] == 8 else "P" if p["quant"] == 16 else "X"
+            marker = "*" if p.get("float_dtype") == "float16" else "D" if p["quant"] == 8 else \
+                "P" if p["quant"] == 16 else "X"
             ax.scatter([p["bytes_per_image"]], [p["psnr_mean"]], s=60, marker=marker,
                        facecolors=colors[k % len(colors)] if filled else "none",
-                       edgecolors=colors[k % len(colors)], label=f"inrfmt {preset} {p['variant']} ({p['arch']})",
+                       edgecolors=colors[k % len(colors)],
+                       label=f"inrfmt {preset}{f':{steps}' if steps else ''} {p['variant']} ({p['arch']})",
                        zorder=3)
     ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter
@@ -226,13 +233,14 @@ def plot(result: dict, png: Path) -> Path:
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="rd_curve.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images_dir", help="images to measure (any source inrfmt convert reads)")
     p.add_argument("--out", default=str(REPO / "bench_out" / "rd"), help="where rd.json and rd.png go")
     p.add_argument("--work", default=None, help="scratch for the PNG tree and .inr files (default: OUT/work)")
     p.add_argument("--presets", nargs="*", default=["fast"],
                    help="NAME or NAME:STEPS (convert --steps for that preset); none: codecs only")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=None,
                    help="convert --steps for presets given without :STEPS (default: the preset's own)")
     p.add_argument("--max-images", type=int, default=None)
@@ -309,8 +317,17 @@ def main(argv=None) -> dict:
             point["library"] = why
             points.append(point)
             print(f"{codec} q{q}: {point['bytes_per_image']:.0f} B/image, {point['psnr_mean']:.2f} dB", file=sys.stderr)
+    import inspect
+
+    import inrfmt
+    convert_params = inspect.signature(inrfmt.convert).parameters
     for preset, steps in args.presets:
         for variant in args.variants:
+            if VARIANTS[variant][2] and "float_dtype" not in convert_params:
+                note = f"inrfmt {variant} skipped: this inrfmt's convert() has no float_dtype option"
+                if note not in notes:
+                    notes.append(note)
+                continue
             point = inr_point(png_tree, samples, preset, steps, variant, args, work)
             points.append(point)
             print(f"inrfmt {preset} {variant}: {point['bytes_per_image']:.0f} B/image, {point['psnr_mean']:.2f} dB "
