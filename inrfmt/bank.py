@@ -214,7 +214,7 @@ class TensorBank:
         f = InrFile(inr_file) if owned else inr_file
         try:
             if expand_on_device is None:
-                expand_on_device = device.type == "cuda" and _raw_chunks_supported(f)
+                expand_on_device = device.type == "cuda"
             if expand_on_device:
                 return cls._from_raw_chunks(f, device, progress, workers)
             return cls._from_open_file(f, device, progress)
@@ -228,8 +228,6 @@ class TensorBank:
         from concurrent.futures import ThreadPoolExecutor
 
         start_time = time.perf_counter()
-        if not _raw_chunks_supported(f):
-            raise InrUsageError("this InrFile does not expose raw chunk payloads; use expand_on_device=False")
         if f.hidden_dtype not in HIDDEN_DTYPES:
             raise InrFormatError(f"{f.path}: hidden_dtype {f.hidden_dtype!r} is not supported by the bank")
         arch = f.arch
@@ -397,11 +395,6 @@ def _resolve_device(device) -> torch.device:
 
 # -- raw chunk payloads (device-side bitmap expansion) ---------------------------------------------------
 _TORCH_OF_NUMPY = {("f", 4): torch.float32, ("f", 2): torch.float16, ("i", 1): torch.int8, ("u", 1): torch.uint8}
-
-
-def _raw_chunks_supported(f) -> bool:
-    """The reader exposes what the raw path needs (chunk frames, payload layout, the scales table)."""
-    return all(hasattr(f, name) for name in ("read_chunk_frame", "chunk_layout", "scales", "chunks"))
 
 
 def _decompress_chunk(path, k: int, frame: bytes, raw_length: int) -> bytes:

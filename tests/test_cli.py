@@ -110,6 +110,8 @@ def test_convert_user_mistakes_are_one_line_exit_2(tmp_path):
     assert_one_line_error(run("convert", sample, existing), 2, "exists.inr")
     assert existing.read_bytes() == b"keep me"
     assert_one_line_error(run("convert", sample, tmp_path / "o.inr", "--steps", "0"), 2)
+    assert_one_line_error(run("convert", sample, tmp_path / "o.inr", "--jitter", "1.5"), 2, "1.5")
+    assert_one_line_error(run("convert", sample, tmp_path / "o.inr", "--float-dtype", "bf16"), 2, "bf16")
     assert_one_line_error(run("info"), 2)
     assert not (tmp_path / "o.inr").exists()
 
@@ -120,5 +122,19 @@ def test_help_lists_every_command():
         assert command in out
     convert_help = run("convert", "--help", check_rc=0).stdout
     for option in ("--preset", "--steps", "--batch-size", "--device", "--seed", "--overwrite", "--resume",
-                   "--max-side", "--on-error", "--shard", "--no-prune", "--quant"):
+                   "--max-side", "--on-error", "--shard", "--no-prune", "--quant", "--float-dtype", "--jitter",
+                   "--pixel-fraction", "--reproducible"):
         assert option in convert_help
+
+
+def test_convert_cli_options_reach_the_file(tmp_path):
+    sample = tmp_path / "src"
+    shutil.copytree(ROOT / "data" / "sample" / "bag", sample / "bag")
+    out = tmp_path / "small.inr"
+    run("convert", sample, out, "--steps", "5", "--float-dtype", "float16", "--quant", "16", "--jitter", "0",
+        "--no-prune", "--reproducible", "--quiet", check_rc=0)
+    with InrFile(out) as inr:
+        assert (inr.float_dtype, inr.hidden_dtype, inr.has_masks) == ("float16", "float16", False)
+        assert inr.num_images == len(list((sample / "bag").iterdir()))
+        assert float(inr.metadata["jitter"]) == 0.0
+        assert "encode_seconds" not in inr.metadata
