@@ -1,7 +1,7 @@
 """Hidden-layer quantization, L1 pruning masks and the dynamic prune-ratio rule (batched, per image).
 
 Only hidden-layer weights are pruned and quantized; the first and last layers and all biases are tiny
-and stay at full precision (as in the paper). Masks are "keep" masks: True = weight kept, False = pruned.
+and stay at full precision by default, as in the paper (convert's float_dtype="float16" halves them). Masks are "keep" masks: True = weight kept, False = pruned.
 """
 from __future__ import annotations
 
