@@ -31,11 +31,13 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 from inrfmt import siren  # noqa: E402
 from inrfmt.encode import _cpu_name, convert  # noqa: E402
 from inrfmt.format import InrFile  # noqa: E402
 from inrfmt.sources import open_source  # noqa: E402
+from bench_encode import photo_crops  # noqa: E402  (tools/bench_encode.py: random crops of data/photos)
 
 
 def total_variation(img: np.ndarray) -> float:
@@ -89,20 +91,6 @@ def measure(path: Path, originals: list[np.ndarray], scales: list[int]) -> dict:
     result = {k: round(float(np.mean(v)), 3) for k, v in rows.items()}
     result["psnr_native_p10"] = round(float(np.percentile(rows["psnr_native"], 10)), 3)
     return result
-
-
-def photo_crops(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
-    """n random square crops of the bundled photographs, Lanczos-resized to size x size."""
-    photos = [Image.open(p).convert("RGB") for p in sorted((ROOT / "data" / "photos").glob("*/*.jpg"))]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        im = photos[i % len(photos)]
-        w, h = im.size
-        side = int(rng.integers(min(w, h) // 4, min(w, h) + 1))
-        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-        out.append(np.asarray(im.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.LANCZOS)))
-    return out
 
 
 def source_images(src: Path, limit: int | None) -> list[np.ndarray]:
