@@ -9,9 +9,9 @@ back to the host (no `.item()`); PSNR is read once per batch, at its end.
 Mixed sizes. A batch may mix sizes and aspect ratios: each image is fitted on coordinates of its own
 pixel grid (x over its width, y over its height, pixel centres in [-1, 1]), so non-square images are
 right. Images are padded to the batch's largest pixel count:
-  * pixel_fraction == 1 (default on CPU and for small images): every pixel every step; padded pixels
+  * pixel_fraction == 1 (default for the small presets): every pixel every step; padded pixels
     have zero weight, so each image's loss is exactly its MSE. Equal-size batches skip the padding.
-  * pixel_fraction < 1 (default 0.25 for the 224^2-class presets on CUDA): each step fits P =
+  * pixel_fraction < 1 (default 0.25 for the two 10-layer presets): each step fits P =
     ceil(fraction * largest pixel count) coordinates per image, drawn uniformly with replacement from
     that image's own pixels — an unbiased estimate of its MSE at a fraction of the cost.
   Cost: mixing sizes costs no PSNR (each image's loss and gradient are its own; padding only costs
