@@ -108,6 +108,9 @@ LARGE_RULE = PruneRule(low_psnr=35.0, high_psnr=40.0, low_ratio=0.2, high_ratio=
 _PAPER_FIT = Round(steps=5000, lr=5e-4)
 _PAPER_FIXED = Round(steps=10000, lr=2e-4, prune="fixed", ratio=0.2)
 _PAPER_DYNAMIC = Round(steps=10000, lr=2e-4, prune="dynamic")
+# What the two 10-layer paper presets share: two pruning rounds, 25% of the pixels per step, TF32 on CUDA.
+_PAPER_LARGE = dict(rounds=(_PAPER_FIT, _PAPER_FIXED, _PAPER_DYNAMIC), prune_rule=LARGE_RULE, batch_size_cpu=4,
+                    pixel_fraction_cpu=0.25, pixel_fraction_cuda=0.25, tf32=True)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -123,18 +126,14 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="rapid-inr-flowers102",
             arch=Architecture(sine_layers=10, width=32),
-            rounds=(_PAPER_FIT, _PAPER_FIXED, _PAPER_DYNAMIC),
-            prune_rule=LARGE_RULE,
             description="paper 102flowers net 10x32; 5000 + 2x10000 steps; 20% then dynamic 20..40% pruning",
-            batch_size_cpu=4, batch_size_cuda=64, pixel_fraction_cpu=0.25, pixel_fraction_cuda=0.25, tf32=True,
+            batch_size_cuda=64, **_PAPER_LARGE,
         ),
         Preset(
             name="rapid-inr-mini-imagenet",
             arch=Architecture(sine_layers=10, width=40),
-            rounds=(_PAPER_FIT, _PAPER_FIXED, _PAPER_DYNAMIC),
-            prune_rule=LARGE_RULE,
             description="paper Mini-ImageNet net 10x40; 5000 + 2x10000 steps; 20% then dynamic 20..40% pruning",
-            batch_size_cpu=4, batch_size_cuda=128, pixel_fraction_cpu=0.25, pixel_fraction_cuda=0.25, tf32=True,
+            batch_size_cuda=128, **_PAPER_LARGE,
         ),
         Preset(
             # Small and quick for the demo and tests: same round structure as the CIFAR-10 preset.

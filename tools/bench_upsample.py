@@ -6,8 +6,8 @@
     python tools/bench_upsample.py --inr demo_out/sample.inr --src data/sample   # measure an existing file
 
 For each jitter value the images are encoded with the real pipeline (`inrfmt.convert`, reproducible), the
-file is read back and every model is decoded (siren.forward on the dequantized weights, pixel-centre
-grids as the decoder uses) at the native size and at each scale. Measured per image, averaged:
+file is opened with `inrfmt.open` and every image is decoded by `ds.decode` (the torch reference decoder on
+CPU) at the native size and at each scale. Measured per image, averaged:
   psnr_native        decode at the native size vs the source pixels (what the index records)
   psnr_bicubic_Sx    Sx decode vs a PIL bicubic upscale of the source (pixel-centre aligned)
   psnr_bilinear_Sx   Sx decode vs a PIL bilinear upscale
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from inrfmt import siren  # noqa: E402
+from inrfmt.data import open as open_dataset  # noqa: E402
 from inrfmt.encode import _cpu_name, convert  # noqa: E402
 from inrfmt.format import InrFile  # noqa: E402
 from inrfmt.sources import open_source  # noqa: E402
@@ -58,21 +58,11 @@ def upscale(image: np.ndarray, scale: int, method) -> np.ndarray:
 @torch.no_grad()
 def decode_file(path: Path, scales: list[int]) -> list[dict[int, np.ndarray]]:
     """Every image of the file decoded at native size (scale 1) and each scale: float [h, w, 3] in [0, 1]."""
-    with InrFile(path) as f:
-        wb = f.read_images(np.arange(f.num_images))
-        index = f.index.copy()
-        arch = f.arch
-    params = siren.SirenParams(*(torch.from_numpy(np.asarray(a, np.float32)) for a in (
-        wb.first_w, wb.first_b, wb.dequantized_hidden(), wb.hidden_b, wb.last_w, wb.last_b)))
     out = []
-    for i in range(len(index)):
-        h, w = int(index["height"][i]), int(index["width"][i])
-        sub = siren.SirenParams(*(t[i:i + 1] for t in params))
-        decoded = {}
-        for s in [1, *scales]:
-            pix = siren.to_pixels(siren.forward(sub, siren.pixel_grid(h * s, w * s), arch))
-            decoded[s] = pix[0].reshape(h * s, w * s, 3).numpy()
-        out.append(decoded)
+    with open_dataset(str(path), device="cpu") as ds:
+        for i, (h, w) in enumerate(ds.sizes.tolist()):
+            out.append({s: ds.decode([i], size=(h * s, w * s))[0].permute(1, 2, 0).numpy()
+                        for s in [1, *scales]})
     return out
 
 
