@@ -41,6 +41,20 @@ OUT_PAD = 16  # the 3 output channels padded for tl.dot
 MIN_DOT = 16  # smallest tl.dot dimension
 
 
+def _sine(z, FAST_SIN: tl.constexpr, RANGE_REDUCE: tl.constexpr):
+    """sin(z) for the kernel: sin.approx.f32 (after a range reduction) or tl.sin, by constexpr."""
+    if RANGE_REDUCE:
+        # z - n*2pi, n = round(z / 2pi) by the 1.5*2^23 trick (FP32 adds, no conversion instructions);
+        # 2pi split Cody-Waite style so that n*6.28125 is exact.
+        n = (z * 0.15915494309189535 + 12582912.0) - 12582912.0
+        z = (z - n * 6.28125) - n * 0.0019353071795864769
+    if FAST_SIN:
+        return tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.sin(z)
+
+
 def _siren_decode_kernel(
     idx_ptr, theta_ptr, out_ptr,
     first_w_ptr, first_b_ptr, hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, last_w_ptr, last_b_ptr,
@@ -49,11 +63,11 @@ def _siren_decode_kernel(
     first_w0, w0, invalid_value,
     WIDTH: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, NUM_HIDDEN: tl.constexpr, OUT_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, HAS_THETA: tl.constexpr, FAST_SIN: tl.constexpr, RANGE_REDUCE: tl.constexpr,
-    FP16_DOT: tl.constexpr,
+    FP16_DOT: tl.constexpr, SINE: tl.constexpr,
 ):
     # Units are held in block A (units 0..WA-1) and, when WB > 0, block B (units WA..WA+WB-1); WB == 0
-    # means one block of WA >= WIDTH units. The sine code is written out per block: a @triton.jit helper
-    # would have to be re-created per mode (compiled / interpreter), which this lazily-jitted kernel avoids.
+    # means one block of WA >= WIDTH units. SINE is `_sine` for the current mode, passed as a constexpr
+    # (a jitted helper cannot be called from the interpreter, nor a plain function from compiled code).
     pid = tl.program_id(0)
     b = pid // tiles_per_image
     tile = pid % tiles_per_image
@@ -88,30 +102,14 @@ def _siren_decode_kernel(
     za = (x[:, None] * (tl.load(fw + ka * 2, mask=ka_mask, other=0.0) * first_w0)[None, :]
           + y[:, None] * (tl.load(fw + ka * 2 + 1, mask=ka_mask, other=0.0) * first_w0)[None, :]
           + (tl.load(fb + ka, mask=ka_mask, other=0.0) * first_w0)[None, :])
-    if RANGE_REDUCE:
-        # z - n*2pi, n = round(z / 2pi) by the 1.5*2^23 trick (FP32 adds, no conversion instructions);
-        # 2pi split Cody-Waite style so that n*6.28125 is exact.
-        n = (za * 0.15915494309189535 + 12582912.0) - 12582912.0
-        za = (za - n * 6.28125) - n * 0.0019353071795864769
-    if FAST_SIN:
-        act_a = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [za], dtype=tl.float32,
-                                          is_pure=True, pack=1)
-    else:
-        act_a = tl.sin(za)
+    act_a = SINE(za, FAST_SIN, RANGE_REDUCE)
     if WB > 0:
         kb = WA + tl.arange(0, WB)
         kb_mask = kb < WIDTH
         zb = (x[:, None] * (tl.load(fw + kb * 2, mask=kb_mask, other=0.0) * first_w0)[None, :]
               + y[:, None] * (tl.load(fw + kb * 2 + 1, mask=kb_mask, other=0.0) * first_w0)[None, :]
               + (tl.load(fb + kb, mask=kb_mask, other=0.0) * first_w0)[None, :])
-        if RANGE_REDUCE:
-            n = (zb * 0.15915494309189535 + 12582912.0) - 12582912.0
-            zb = (zb - n * 6.28125) - n * 0.0019353071795864769
-        if FAST_SIN:
-            act_b = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [zb], dtype=tl.float32,
-                                              is_pure=True, pack=1)
-        else:
-            act_b = tl.sin(zb)
+        act_b = SINE(zb, FAST_SIN, RANGE_REDUCE)
 
     # -- hidden sine layers: z = (scale*w0) * (q @ act) + w0 * b ------------------------------------
     # Weight tiles [out, in] at offset out*WIDTH + in: the row stride is the true width, never the padded
@@ -150,24 +148,10 @@ def _siren_decode_kernel(
                 acc_b = tl.dot(act_a, tl.trans(q_ba.to(tl.float32)), input_precision="ieee")
                 acc_b = tl.dot(act_b, tl.trans(q_bb.to(tl.float32)), acc_b, input_precision="ieee")
         za = acc_a * scale + (tl.load(hbase + ka, mask=ka_mask, other=0.0) * w0)[None, :]
-        if RANGE_REDUCE:
-            n = (za * 0.15915494309189535 + 12582912.0) - 12582912.0
-            za = (za - n * 6.28125) - n * 0.0019353071795864769
-        if FAST_SIN:
-            act_a = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [za], dtype=tl.float32,
-                                              is_pure=True, pack=1)
-        else:
-            act_a = tl.sin(za)
+        act_a = SINE(za, FAST_SIN, RANGE_REDUCE)
         if WB > 0:
             zb = acc_b * scale + (tl.load(hbase + kb, mask=kb_mask, other=0.0) * w0)[None, :]
-            if RANGE_REDUCE:
-                n = (zb * 0.15915494309189535 + 12582912.0) - 12582912.0
-                zb = (zb - n * 6.28125) - n * 0.0019353071795864769
-            if FAST_SIN:
-                act_b = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [zb], dtype=tl.float32,
-                                                  is_pure=True, pack=1)
-            else:
-                act_b = tl.sin(zb)
+            act_b = SINE(zb, FAST_SIN, RANGE_REDUCE)
 
     # -- linear output layer, 3 channels padded to OUT_PAD -----------------------------------------
     c = tl.arange(0, OUT_PAD)
@@ -194,7 +178,7 @@ def _siren_decode_kernel(
     tl.store(out_ptr + offs, pix.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
 
-_KERNELS: dict[bool, object] = {}
+_KERNELS: dict[bool, tuple] = {}
 
 
 def interpret_mode() -> bool:
@@ -202,9 +186,10 @@ def interpret_mode() -> bool:
 
 
 def _kernel(interpret: bool):
-    """The jitted kernel for the current mode; triton.jit reads TRITON_INTERPRET when it wraps."""
+    """(kernel, sine helper) for the current mode; triton.jit reads TRITON_INTERPRET when it wraps. The
+    interpreter runs the kernel as Python, so its helper is the plain function."""
     if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_siren_decode_kernel)
+        _KERNELS[interpret] = (triton.jit(_siren_decode_kernel), _sine if interpret else triton.jit(_sine))
     return _KERNELS[interpret]
 
 
@@ -282,7 +267,8 @@ def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.floa
     )
     meta = _constexprs(width, arch.hidden_layers, block_pixels, theta is not None, fast_sin, range_reduce, fp16_dot,
                        split_width)
-    kernel = _kernel(interpret)
+    kernel, sine = _kernel(interpret)
+    meta["SINE"] = sine
     if device.type == "cuda":
         with torch.cuda.device(device):
             kernel[grid](*args, **meta, num_warps=num_warps)
@@ -321,6 +307,7 @@ def compile_for_target(width, hidden_layers, *, capability=90, hidden_dtype="int
                  "num_images": "i32", "out_h": "i32", "out_w": "i32", "tiles_per_image": "i32",
                  "stride_ob": "i32", "stride_oc": "i32", "stride_oh": "i32", "stride_ow": "i32",
                  "first_w0": "fp32", "w0": "fp32", "invalid_value": "fp32"}
+    meta["SINE"] = triton.jit(_sine)
     signature.update({name: "constexpr" for name in meta})
     source = ASTSource(triton.jit(_siren_decode_kernel), signature, constexprs=meta)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
