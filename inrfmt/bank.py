@@ -1,8 +1,16 @@
 """TensorBank: a whole .inr dataset as one set of contiguous tensors on one device.
 
 The bank keeps hidden-layer weights in the file's storage dtype (int8 with per-image per-layer scales, or
-float16/float32): dequantization happens inside the decoders, so the bank costs about what the file does
-(pruned zeros are stored densely; the bitmap is only a compression device in the file).
+float16/float32): dequantization happens inside the decoders. Hidden weights are held in one of two layouts:
+
+  dense    [N,H,W,W], pruned weights stored as zeros. The decoders read it directly (fastest).
+  compact  the file's own representation: the kept values of all images back to back ([total_nnz]), the
+           pruning bitmaps ([N, ceil(H*W*W/8)], numpy packbits order) and each image's first value
+           (int64 [N]). A decode expands its batch's weights to dense first (one small kernel; a [B,H,W,W]
+           temporary), so the bank costs what the file's payload does however much was pruned.
+
+`layout="auto"` (the default) keeps the bank within 1.1x the file's bytes: dense when that fits, compact
+when pruning makes the dense form larger than that (and compact is smaller).
 
 `TensorBank.from_file` fills the bank chunk by chunk: each zstd chunk is decoded by `InrFile.read_chunk`,
 copied into a pinned staging buffer and from there, asynchronously, into its slice of the preallocated
@@ -30,7 +38,11 @@ HIDDEN_DTYPES = {
 
 # Per-image tensors of a bank, in a fixed order (the order of WeightBatch's fields).
 _WEIGHT_FIELDS = ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b")
+_COMPACT_FIELDS = ("hidden_values", "hidden_masks", "hidden_offsets")
 _META_FIELDS = ("labels", "heights", "widths")
+LAYOUTS = ("auto", "dense", "compact")
+# layout="auto" keeps the bank within this factor of the file's bytes when the compact layout can.
+AUTO_MAX_BANK_OVER_FILE = 1.1
 
 
 def _hidden_dtype_name(dtype: torch.dtype) -> str:
@@ -43,29 +55,45 @@ def _hidden_dtype_name(dtype: torch.dtype) -> str:
 class TensorBank:
     """Per-image SIREN weights of N images, as contiguous tensors on one device.
 
-    Fields (docs/internals.md): first_w f32 [N,W,2], first_b f32 [N,W], hidden_w int8|f16|f32 [N,H,W,W],
-    hidden_scale f32 [N,H], hidden_b f32 [N,H,W], last_w f32 [N,3,W], last_b f32 [N,3], labels int64 [N],
-    heights int32 [N], widths int32 [N]; arch, w0, first_w0, nbytes (bank bytes), load_seconds.
+    Fields (docs/internals.md): first_w f32 [N,W,2], first_b f32 [N,W], hidden_scale f32 [N,H],
+    hidden_b f32 [N,H,W], last_w f32 [N,3,W], last_b f32 [N,3], labels int64 [N], heights int32 [N],
+    widths int32 [N]; hidden weights either dense (hidden_w int8|f16|f32 [N,H,W,W]) or compact
+    (hidden_values [total_nnz], hidden_masks uint8 [N, ceil(H*W*W/8)], hidden_offsets int64 [N]; hidden_w is
+    None); arch, layout, w0, first_w0, nbytes (bank bytes), load_seconds.
     """
 
     def __init__(self, arch: "Architecture", *, first_w: torch.Tensor, first_b: torch.Tensor,
-                 hidden_w: torch.Tensor, hidden_scale: torch.Tensor, hidden_b: torch.Tensor,
-                 last_w: torch.Tensor, last_b: torch.Tensor, labels: torch.Tensor | None = None,
-                 heights: torch.Tensor | None = None, widths: torch.Tensor | None = None,
-                 load_seconds: float = 0.0):
+                 hidden_scale: torch.Tensor, hidden_b: torch.Tensor, last_w: torch.Tensor, last_b: torch.Tensor,
+                 hidden_w: torch.Tensor | None = None, hidden_values: torch.Tensor | None = None,
+                 hidden_masks: torch.Tensor | None = None, hidden_offsets: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, heights: torch.Tensor | None = None,
+                 widths: torch.Tensor | None = None, load_seconds: float = 0.0, check_compact: bool = True):
         n, w, h = first_w.shape[0], arch.width, arch.hidden_layers
         device = first_w.device
+        compact = hidden_w is None
+        if compact and any(t is None for t in (hidden_values, hidden_masks, hidden_offsets)):
+            raise InrUsageError("TensorBank: give hidden_w (dense) or hidden_values, hidden_masks and "
+                                "hidden_offsets (compact)")
+        if not compact and any(t is not None for t in (hidden_values, hidden_masks, hidden_offsets)):
+            raise InrUsageError("TensorBank: give hidden_w or the compact hidden_* tensors, not both")
         expected = {
             "first_w": ((n, w, 2), (torch.float32,)),
             "first_b": ((n, w), (torch.float32,)),
-            "hidden_w": ((n, h, w, w), tuple(HIDDEN_DTYPES.values())),
             "hidden_scale": ((n, h), (torch.float32,)),
             "hidden_b": ((n, h, w), (torch.float32,)),
             "last_w": ((n, 3, w), (torch.float32,)),
             "last_b": ((n, 3), (torch.float32,)),
         }
-        given = dict(first_w=first_w, first_b=first_b, hidden_w=hidden_w, hidden_scale=hidden_scale,
-                     hidden_b=hidden_b, last_w=last_w, last_b=last_b)
+        given = dict(first_w=first_w, first_b=first_b, hidden_scale=hidden_scale, hidden_b=hidden_b,
+                     last_w=last_w, last_b=last_b)
+        if compact:
+            expected["hidden_values"] = ((hidden_values.numel(),), tuple(HIDDEN_DTYPES.values()))
+            expected["hidden_masks"] = ((n, (h * w * w + 7) // 8), (torch.uint8,))
+            expected["hidden_offsets"] = ((n,), (torch.int64,))
+            given.update(hidden_values=hidden_values, hidden_masks=hidden_masks, hidden_offsets=hidden_offsets)
+        else:
+            expected["hidden_w"] = ((n, h, w, w), tuple(HIDDEN_DTYPES.values()))
+            given["hidden_w"] = hidden_w
         for name, (shape, dtypes) in expected.items():
             t = given[name]
             if tuple(t.shape) != shape:
@@ -91,9 +119,30 @@ class TensorBank:
         self.arch = arch
         self.first_w, self.first_b = first_w, first_b
         self.hidden_w, self.hidden_scale, self.hidden_b = hidden_w, hidden_scale, hidden_b
+        self.hidden_values, self.hidden_masks, self.hidden_offsets = hidden_values, hidden_masks, hidden_offsets
         self.last_w, self.last_b = last_w, last_b
         self.labels, self.heights, self.widths = labels.contiguous(), heights.contiguous(), widths.contiguous()
         self.load_seconds = float(load_seconds)
+        if compact and check_compact:
+            self._check_compact()
+
+    def _check_compact(self) -> None:
+        """The decoders index hidden_values through the masks and offsets without bounds checks: make sure
+        every image's offset is the running count of set mask bits and no padding bit is set."""
+        n, total = self.num_images, self.hidden_total
+        counts = torch.empty((n,), dtype=torch.int64, device=self.device)
+        step = max(1, (1 << 24) // max(total, 1))  # bound the unpacked bits to ~16M at a time
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        for i in range(0, n, step):
+            bits = _unpack_bits(self.hidden_masks[i:i + step])
+            counts[i:i + step] = bits[:, :total].sum(dim=1)
+            bad |= (bits[:, total:] != 0).any()
+        ends = torch.cumsum(counts, 0)
+        starts = ends - counts
+        if bool(bad) or not torch.equal(starts, self.hidden_offsets) or \
+                (n and int(ends[-1]) != self.hidden_values.numel()) or (not n and self.hidden_values.numel()):
+            raise InrUsageError("TensorBank: hidden_offsets/hidden_values disagree with the mask bit counts "
+                                "(or a padding bit is set)")
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -116,29 +165,88 @@ class TensorBank:
         return self.num_images
 
     @property
+    def layout(self) -> str:
+        """"dense" or "compact" (see the module docstring)."""
+        return "compact" if self.hidden_w is None else "dense"
+
+    @property
+    def hidden_total(self) -> int:
+        """Hidden weights per image, H*W*W."""
+        return self.arch.hidden_layers * self.arch.width ** 2
+
+    @property
     def hidden_dtype(self) -> str:
-        return _hidden_dtype_name(self.hidden_w.dtype)
+        return _hidden_dtype_name((self.hidden_w if self.hidden_w is not None else self.hidden_values).dtype)
+
+    def _fields(self) -> tuple[str, ...]:
+        weights = _WEIGHT_FIELDS if self.hidden_w is not None else \
+            tuple(f for f in _WEIGHT_FIELDS if f != "hidden_w") + _COMPACT_FIELDS
+        return weights + _META_FIELDS
 
     @property
     def nbytes(self) -> int:
         """Device bytes held by the bank (all per-image tensors, labels and sizes)."""
-        return sum(getattr(self, f).numel() * getattr(self, f).element_size()
-                   for f in _WEIGHT_FIELDS + _META_FIELDS)
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._fields())
 
     def __repr__(self) -> str:
         return (f"TensorBank({self.num_images} images, {self.arch.sine_layers}x{self.arch.width}, "
-                f"hidden {self.hidden_dtype}, {self.nbytes} bytes on {self.device})")
+                f"hidden {self.hidden_dtype} {self.layout}, {self.nbytes} bytes on {self.device})")
 
     def to(self, device) -> "TensorBank":
         device = torch.device(device)
-        moved = {f: getattr(self, f).to(device) for f in _WEIGHT_FIELDS + _META_FIELDS}
-        return TensorBank(self.arch, load_seconds=self.load_seconds, **moved)
+        moved = {f: getattr(self, f).to(device) for f in self._fields()}
+        return TensorBank(self.arch, load_seconds=self.load_seconds, check_compact=False, **moved)
+
+    def to_layout(self, layout: str) -> "TensorBank":
+        """This bank with its hidden weights in `layout` ("dense" or "compact"; other tensors shared).
+        Dense -> compact treats every zero weight as pruned (it decodes the same)."""
+        if layout not in ("dense", "compact"):
+            raise InrUsageError(f"bank layout must be 'dense' or 'compact', got {layout!r}")
+        if layout == self.layout:
+            return self
+        common = {f: getattr(self, f) for f in self._fields()
+                  if f not in _COMPACT_FIELDS and f != "hidden_w"}
+        n = self.num_images
+        if layout == "dense":
+            dense = torch.empty((n, *self.hidden_shape), dtype=self.hidden_values.dtype, device=self.device)
+            step = max(1, (1 << 24) // max(self.hidden_total, 1))
+            for i in range(0, n, step):
+                dense[i:i + step] = self.hidden_dense(torch.arange(i, min(n, i + step), device=self.device))
+            return TensorBank(self.arch, load_seconds=self.load_seconds, hidden_w=dense, **common)
+        flat = self.hidden_w.reshape(n, -1)
+        keep = flat != 0
+        counts = keep.sum(dim=1)
+        offsets = torch.cumsum(counts, 0) - counts
+        return TensorBank(self.arch, load_seconds=self.load_seconds, hidden_values=flat[keep].contiguous(),
+                          hidden_masks=_pack_bits(keep), hidden_offsets=offsets.contiguous(), **common)
+
+    @property
+    def hidden_shape(self) -> tuple[int, int, int]:
+        h, w = self.arch.hidden_layers, self.arch.width
+        return h, w, w
+
+    def hidden_dense(self, indices: torch.Tensor) -> torch.Tensor:
+        """[B,H,W,W] hidden weights (storage dtype, not dequantized) of the images at `indices` (a long tensor
+        on the bank's device); expanded from the bitmaps for a compact bank (torch ops; the triton backend
+        has its own kernel for this)."""
+        if self.hidden_w is not None:
+            return self.hidden_w[indices]
+        b, total = indices.numel(), self.hidden_total
+        bits = _unpack_bits(self.hidden_masks[indices])[:, :total]
+        values = self.hidden_values
+        if values.numel() == 0:
+            return torch.zeros((b, *self.hidden_shape), dtype=values.dtype, device=self.device)
+        rank = torch.cumsum(bits, dim=1, dtype=torch.int64)
+        rank += self.hidden_offsets[indices][:, None] - 1
+        taken = values[rank.clamp_(0, values.numel() - 1)]
+        dense = torch.where(bits.bool(), taken, torch.zeros((), dtype=values.dtype, device=self.device))
+        return dense.view(b, *self.hidden_shape)
 
     def params(self, indices: torch.Tensor):
         """Dequantized float32 `siren.SirenParams` of the images at `indices` (a long tensor on the bank's device)."""
         from .siren import SirenParams
 
-        hidden = self.hidden_w[indices].to(torch.float32)
+        hidden = self.hidden_dense(indices).to(torch.float32)
         hidden.mul_(self.hidden_scale[indices][:, :, None, None])
         return SirenParams(first_w=self.first_w[indices], first_b=self.first_b[indices], hidden_w=hidden,
                            hidden_b=self.hidden_b[indices], last_w=self.last_w[indices],
@@ -196,53 +304,71 @@ class TensorBank:
                    widths=opt(widths, torch.int32), **tensors)
 
     @classmethod
-    def from_file(cls, inr_file, device=None, *, progress=None, expand_on_device=None,
+    def from_file(cls, inr_file, device=None, *, layout="auto", progress=None, expand_on_device=None,
                   workers=None) -> "TensorBank":
         """Upload a whole .inr file (an `InrFile` or a path) to `device`, chunk by chunk.
 
+        layout: "auto" (see `auto_layout`), "dense" or "compact".
         CUDA (default): worker threads check and zstd-decompress chunks; each raw chunk payload goes through
         one of two alternating pinned staging buffers to the device (non_blocking), where the pruning bitmap
-        is expanded into the dense weights - so the host does no per-weight work at all.
-        CPU (default): `InrFile.read_chunk` per chunk, copied straight into the bank.
-        expand_on_device=True/False forces either path (the device path also runs on CPU tensors).
+        is expanded into the dense weights (or, compact, values and bitmaps are copied as they are) - so the
+        host does no per-weight work at all.
+        CPU (default, dense): `InrFile.read_chunk` per chunk, copied straight into the bank.
+        expand_on_device=True/False forces either dense path (the device path also runs on CPU tensors); a
+        compact bank is always filled from the raw payloads.
         `progress`, if given, is called with (images_done, total) after each chunk.
         """
         from .format import InrFile
 
+        if layout not in LAYOUTS:
+            raise InrUsageError(f"bank layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         device = _resolve_device(device)
         owned = not isinstance(inr_file, InrFile)
         f = InrFile(inr_file) if owned else inr_file
         try:
+            if f.hidden_dtype not in HIDDEN_DTYPES:
+                raise InrFormatError(f"{f.path}: hidden_dtype {f.hidden_dtype!r} is not supported by the bank")
+            if layout == "auto":
+                layout = auto_layout(f)
+            if layout == "compact":
+                return cls._from_raw_chunks(f, device, progress, workers, compact=True)
             if expand_on_device is None:
                 expand_on_device = device.type == "cuda"
             if expand_on_device:
-                return cls._from_raw_chunks(f, device, progress, workers)
+                return cls._from_raw_chunks(f, device, progress, workers, compact=False)
             return cls._from_open_file(f, device, progress)
         finally:
             if owned:
                 f.close()
 
     @classmethod
-    def _from_raw_chunks(cls, f, device: torch.device, progress, workers) -> "TensorBank":
+    def _from_raw_chunks(cls, f, device: torch.device, progress, workers, compact: bool) -> "TensorBank":
         import os
         from concurrent.futures import ThreadPoolExecutor
 
         start_time = time.perf_counter()
-        if f.hidden_dtype not in HIDDEN_DTYPES:
-            raise InrFormatError(f"{f.path}: hidden_dtype {f.hidden_dtype!r} is not supported by the bank")
         arch = f.arch
         n, w, h = f.num_images, arch.width, arch.hidden_layers
         total = h * w * w
         hidden_dtype = HIDDEN_DTYPES[f.hidden_dtype]
+        nnz = np.asarray(f.index["nnz"], dtype=np.int64)
         bank = {
             "first_w": torch.empty((n, w, 2), dtype=torch.float32, device=device),
             "first_b": torch.empty((n, w), dtype=torch.float32, device=device),
-            "hidden_w": torch.empty((n, h, w, w), dtype=hidden_dtype, device=device),
             "hidden_b": torch.empty((n, h, w), dtype=torch.float32, device=device),
             "last_w": torch.empty((n, 3, w), dtype=torch.float32, device=device),
             "last_b": torch.empty((n, 3), dtype=torch.float32, device=device),
         }
-        nnz = np.asarray(f.index["nnz"], dtype=np.int64)
+        value_starts = np.concatenate([[0], np.cumsum(nnz)])  # a maskless file has nnz == H*W*W (checked)
+        if compact:
+            bank["hidden_values"] = torch.empty((int(value_starts[-1]),), dtype=hidden_dtype, device=device)
+            bank["hidden_masks"] = torch.empty((n, (total + 7) // 8), dtype=torch.uint8, device=device)
+            bank["hidden_offsets"] = torch.from_numpy(value_starts[:-1].astype(np.int64)).to(device)
+            if not f.has_masks:  # nothing pruned: every bit set, padding bits clear
+                full = np.packbits(np.ones(total, dtype=bool))
+                bank["hidden_masks"].copy_(torch.from_numpy(full).to(device).expand(n, -1))
+        else:
+            bank["hidden_w"] = torch.empty((n, h, w, w), dtype=hidden_dtype, device=device)
         bounds = [f.chunk_range(k) for k in range(f.num_chunks)]
         raw_lengths = [int(f.chunks["raw_length"][k]) for k in range(f.num_chunks)]
         max_raw = max(raw_lengths, default=0)
@@ -261,6 +387,10 @@ class TensorBank:
             frame, raw_length = f.read_chunk_frame(k)
             return _decompress_chunk(f.path, k, frame, raw_length)
 
+        def unpack(k, raw, start, stop):
+            return _unpack_chunk(f, k, raw, bank, start, stop - start, total, nnz_device[start:stop],
+                                 int(value_starts[stop] - value_starts[start]), int(value_starts[start]), compact)
+
         workers = workers or min(8, os.cpu_count() or 1)
         lookahead = workers + 1  # chunks decompressed ahead: bounds host memory to a few chunks
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -270,7 +400,7 @@ class TensorBank:
                 if k + lookahead < f.num_chunks:
                     pending[k + lookahead] = pool.submit(fetch, k + lookahead)
                 start, stop = bounds[k]
-                count, length = stop - start, len(raw)
+                length = len(raw)
                 if cuda:
                     s = k % 2
                     if copied[s] is not None:
@@ -280,12 +410,10 @@ class TensorBank:
                         raw_device[:length].copy_(staging[s][:length], non_blocking=True)
                         copied[s] = torch.cuda.Event()
                         copied[s].record(stream)
-                        bad |= _unpack_chunk(f, k, raw_device[:length], bank, start, count, total,
-                                             nnz_device[start:stop], int(nnz[start:stop].sum()))
+                        bad |= unpack(k, raw_device[:length], start, stop)
                 else:
                     raw_device[:length].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-                    bad |= _unpack_chunk(f, k, raw_device[:length], bank, start, count, total,
-                                         nnz_device[start:stop], int(nnz[start:stop].sum()))
+                    bad |= unpack(k, raw_device[:length], start, stop)
                 del raw
                 if progress is not None:
                     progress(stop, n)
@@ -306,16 +434,15 @@ class TensorBank:
         widths = torch.from_numpy(np.asarray(index["width"], dtype=np.int32)).to(device)
         if cuda:
             torch.cuda.synchronize(device)
+        # Compact banks were checked chunk by chunk above (mask bit counts == nnz, clean padding bits).
         return cls(arch, hidden_scale=scales, labels=labels, heights=heights, widths=widths,
-                   load_seconds=time.perf_counter() - start_time, **bank)
+                   load_seconds=time.perf_counter() - start_time, check_compact=False, **bank)
 
     @classmethod
     def _from_open_file(cls, f, device: torch.device, progress) -> "TensorBank":
         start_time = time.perf_counter()
         arch = f.arch
         n, w, h = f.num_images, arch.width, arch.hidden_layers
-        if f.hidden_dtype not in HIDDEN_DTYPES:
-            raise InrFormatError(f"{f.path}: hidden_dtype {f.hidden_dtype!r} is not supported by the bank")
         shapes = {
             "first_w": ((w, 2), torch.float32), "first_b": ((w,), torch.float32),
             "hidden_w": ((h, w, w), HIDDEN_DTYPES[f.hidden_dtype]), "hidden_scale": ((h,), torch.float32),
@@ -417,14 +544,50 @@ def _typed(segment: torch.Tensor, np_dtype: np.dtype, shape) -> torch.Tensor:
     return segment.view(dtype).view(shape)
 
 
+def _unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, nbytes] (numpy packbits order: most significant bit first) -> uint8 0/1 [B, nbytes*8]."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).view(packed.shape[0], -1)
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool [B, T] -> uint8 [B, ceil(T/8)] in numpy packbits order, padding bits clear."""
+    b, t = bits.shape
+    padded = torch.zeros((b, (t + 7) // 8 * 8), dtype=torch.uint8, device=bits.device)
+    padded[:, :t] = bits
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
+    return (padded.view(b, -1, 8) * weights).sum(dim=-1, dtype=torch.uint8).contiguous()
+
+
+def layout_bytes(f) -> dict[str, int]:
+    """Bank bytes of the open InrFile `f` in each layout, computed from its header and index alone."""
+    arch = f.arch
+    n, w, h = f.num_images, arch.width, arch.hidden_layers
+    total = h * w * w
+    item = HIDDEN_DTYPES[f.hidden_dtype].itemsize
+    common = n * (4 * (2 * w + w + h + h * w + 3 * w + 3) + 8 + 4 + 4)  # floats, scales, labels, sizes
+    nnz = int(np.asarray(f.index["nnz"], dtype=np.int64).sum()) if f.has_masks else n * total
+    return {"dense": common + n * total * item,
+            "compact": common + nnz * item + n * ((total + 7) // 8) + n * 8}
+
+
+def auto_layout(f) -> str:
+    """The layout `layout="auto"` picks for the open InrFile `f`: dense while the dense bank stays within
+    AUTO_MAX_BANK_OVER_FILE x the file's bytes (the decoders read it directly), else compact if smaller."""
+    sizes = layout_bytes(f)
+    if sizes["dense"] <= AUTO_MAX_BANK_OVER_FILE * f.file_bytes or sizes["compact"] >= sizes["dense"]:
+        return "dense"
+    return "compact"
+
+
 def _unpack_chunk(f, k, raw: torch.Tensor, bank: dict, start: int, count: int, total: int,
-                  nnz: torch.Tensor, total_nnz: int) -> torch.Tensor:
+                  nnz: torch.Tensor, total_nnz: int, value_start: int, compact: bool) -> torch.Tensor:
     """Scatter one decompressed chunk payload (already on the bank's device) into the bank.
 
-    Returns a 0-d bool tensor: True when a mask disagrees with the index's nnz or has padding bits set
-    (checked on the device; the caller looks at it once, after the last chunk).
+    Dense: the bitmap is expanded into hidden_w. Compact: values go to hidden_values[value_start:] and the
+    bitmaps to hidden_masks as they are. Returns a 0-d bool tensor: True when a mask disagrees with the
+    index's nnz or has padding bits set (checked on the device; the caller looks at it once, at the end).
     """
-    stop = start + count
     arrays, pos = {}, 0
     for name, np_dtype, shape in f.chunk_layout(k, total_nnz):
         nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
@@ -434,18 +597,24 @@ def _unpack_chunk(f, k, raw: torch.Tensor, bank: dict, start: int, count: int, t
         pos += nbytes
     if pos != raw.numel():
         raise InrFormatError(f"{f.path}: chunks[{k}]: payload is longer than its layout")
+    stop = start + count
     for name in ("first_w", "first_b", "hidden_b", "last_w", "last_b"):
         bank[name][start:stop].copy_(arrays[name], non_blocking=True)
-    dense = bank["hidden_w"][start:stop].view(count, total)
     values = arrays["values"]
+    if compact:
+        bank["hidden_values"][value_start:value_start + values.numel()].copy_(values.reshape(-1))
     if "masks" not in arrays:
-        dense.view(-1).copy_(values)
+        if not compact:
+            bank["hidden_w"][start:stop].view(-1).copy_(values)
         return torch.zeros((), dtype=torch.bool, device=raw.device)
     packed = arrays["masks"]  # [count, ceil(total/8)], most significant bit first (numpy packbits)
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=raw.device)
-    bits = ((packed.unsqueeze(-1) >> shifts) & 1).view(count, -1)
+    bits = _unpack_bits(packed)
     mask = bits[:, :total].bool()
     bad = (bits[:, total:] != 0).any() | (mask.sum(dim=1) != nnz).any()
+    if compact:
+        bank["hidden_masks"][start:stop].copy_(packed)
+        return bad
+    dense = bank["hidden_w"][start:stop].view(count, total)
     if total_nnz == 0:
         dense.zero_()
         return bad
@@ -454,4 +623,3 @@ def _unpack_chunk(f, k, raw: torch.Tensor, bank: dict, start: int, count: int, t
     position = (position - 1).clamp_(0, total_nnz - 1)
     dense.view(-1).copy_(torch.where(flat, values[position], torch.zeros((), dtype=values.dtype, device=raw.device)))
     return bad
-

@@ -171,7 +171,9 @@ def _print_info(doc: dict) -> None:
                        + (f": {s.get('reason')}" if isinstance(s, dict) and s.get("reason") else ""))
     if "load" in doc:
         ld = doc["load"]
-        click.echo(f"bank: {ld['bank_bytes']:,} bytes on {ld['device']}, loaded in {ld['load_seconds']:.3f} s")
+        click.echo(f"bank: {ld['bank_bytes']:,} bytes ({ld['bank_layout']}, "
+                   f"{ld['bank_bytes'] / max(ld['file_bytes'], 1):.2f}x the file) on {ld['device']}, "
+                   f"loaded in {ld['load_seconds']:.3f} s")
     meta = {k: v for k, v in doc["metadata"].items() if k != "skipped"}
     if meta:
         click.echo("metadata:")
@@ -191,7 +193,9 @@ def _print_info(doc: dict) -> None:
 @click.option("--per-image", is_flag=True, help="Add one row per image.")
 @click.option("--load", is_flag=True, help="Also load the file into a tensor bank and report its size and load time.")
 @click.option("--device", default=None, help="Device for --load (default: cuda if available, else cpu).")
-def info(file, as_json, per_image, load, device):
+@click.option("--bank-layout", type=click.Choice(["auto", "dense", "compact"]), default="auto", show_default=True,
+              help="Hidden-weight layout of the bank for --load (see inrfmt.open).")
+def info(file, as_json, per_image, load, device, bank_layout):
     """Describe an .inr file: images, classes, network, size, PSNR, pruning."""
     from .format import InrFile
 
@@ -200,7 +204,7 @@ def info(file, as_json, per_image, load, device):
     if load:
         from .data import open as open_dataset
 
-        with open_dataset(file, device=device) as ds:
+        with open_dataset(file, device=device, bank_layout=bank_layout) as ds:
             doc["load"] = ds.stats()
     if as_json:
         click.echo(json.dumps(doc, indent=2))
@@ -285,14 +289,16 @@ def export(file, outdir, fmt, size, limit, device, overwrite):
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "triton"]),
               help="Backend(s) to time (default: every one available here).")
 @click.option("--device", default=None, help="Default: cuda if available, else cpu.")
+@click.option("--bank-layout", type=click.Choice(["auto", "dense", "compact"]), default="auto", show_default=True,
+              help="Hidden-weight layout of the bank (see inrfmt.open).")
 @click.option("--json", "as_json", is_flag=True)
-def bench(file, size, batch_size, backends, device, as_json):
+def bench(file, size, batch_size, backends, device, bank_layout, as_json):
     """Decode throughput (img/s) of each available backend on this machine, and load time."""
     from .data import open as open_dataset
     from .decode import benchmark
 
     _open_file(file).close()
-    with open_dataset(file, device=device) as ds:
+    with open_dataset(file, device=device, bank_layout=bank_layout) as ds:
         result = benchmark(ds.bank, size=size, batch_size=batch_size, backends=list(backends) or None)
         result["load"] = ds.stats()
     if as_json:
@@ -302,7 +308,8 @@ def bench(file, size, batch_size, backends, device, as_json):
         click.echo(f"{row['backend']:>7}: {row['img_per_s']:>12,.0f} img/s  ({row.get('size')}, batch {batch_size})"
                    if "img_per_s" in row else f"{row['backend']:>7}: {row.get('error', 'unavailable')}")
     ld = result["load"]
-    click.echo(f"   load: {ld['load_seconds']:.3f} s for {ld['file_bytes']:,} file bytes on {ld['device']}")
+    click.echo(f"   load: {ld['load_seconds']:.3f} s for {ld['file_bytes']:,} file bytes on {ld['device']} "
+               f"(bank {ld['bank_layout']}, {ld['bank_bytes']:,} bytes)")
 
 
 def main(argv=None) -> None:

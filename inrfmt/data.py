@@ -30,9 +30,13 @@ from .format import InrFile
 __all__ = ["open", "InrDataset", "InrLoader"]
 
 
-def open(path, device=None) -> "InrDataset":  # noqa: A001 - the public name is inrfmt.open
-    """Validate the .inr file at `path` and upload it to `device` (None: cuda if available, else cpu)."""
-    return InrDataset(path, device=device)
+def open(path, device=None, *, bank_layout="auto") -> "InrDataset":  # noqa: A001 - the public name
+    """Validate the .inr file at `path` and upload it to `device` (None: cuda if available, else cpu).
+
+    bank_layout: how the hidden weights are held on the device - "dense" (fastest decode), "compact" (the
+    file's kept values and bitmaps; a batch is expanded before decoding) or "auto" (dense unless that costs
+    more than 1.1x the file's bytes; see inrfmt.bank)."""
+    return InrDataset(path, device=device, bank_layout=bank_layout)
 
 
 class InrDataset(torch.utils.data.Dataset):
@@ -47,7 +51,7 @@ class InrDataset(torch.utils.data.Dataset):
     `ds.loader(...)` is the faster on-device path.
     """
 
-    def __init__(self, path, device=None):
+    def __init__(self, path, device=None, *, bank_layout="auto"):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise InrUsageError(f"{path}: no such file")
@@ -56,7 +60,7 @@ class InrDataset(torch.utils.data.Dataset):
         self.path = path
         self.file = InrFile(path)
         try:
-            self.bank = TensorBank.from_file(self.file, self.device)
+            self.bank = TensorBank.from_file(self.file, self.device, layout=bank_layout)
         except BaseException:
             self.file.close()
             raise
@@ -158,8 +162,8 @@ class InrDataset(torch.utils.data.Dataset):
 
     # -- bookkeeping ----------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Sizes and load time: file_bytes, bank_bytes, per-image bytes, load_seconds (upload of the bank),
-        open_seconds (validation + upload), load_gb_per_s (file bytes / load_seconds), device."""
+        """Sizes and load time: file_bytes, bank_bytes, per-image bytes, bank_layout, load_seconds (upload of
+        the bank), open_seconds (validation + upload), load_gb_per_s (file bytes / load_seconds), device."""
         self._check_open()
         n = max(len(self), 1)
         file_bytes, bank_bytes = int(self.file.file_bytes), int(self.bank.nbytes)
@@ -170,6 +174,7 @@ class InrDataset(torch.utils.data.Dataset):
             "bank_bytes": bank_bytes,
             "file_bytes_per_image": file_bytes / n,
             "bank_bytes_per_image": bank_bytes / n,
+            "bank_layout": self.bank.layout,
             "load_seconds": load,
             "open_seconds": float(self.open_seconds),
             "load_gb_per_s": file_bytes / load / 1e9 if load > 0 else None,

@@ -221,7 +221,7 @@ def benchmark(bank: TensorBank, size, batch_size: int = 256, backends=None, *, w
     """Decode throughput of each backend on `bank` (img/s), with warm-up and device synchronization.
 
     size None: the most common native size of the bank's images. Returns {"device", "size": [h, w],
-    "batch_size", "num_images", "arch", "hidden_dtype", "load_seconds", "bank_bytes",
+    "batch_size", "num_images", "arch", "hidden_dtype", "bank_layout", "load_seconds", "bank_bytes",
     "backends": {name: {"img_per_s", "seconds", "images", "max_abs_err_vs_torch"}},
     "results": [{"backend", "size", "batch_size", ...same stats}]}; a backend that fails reports
     {"error": message} instead of the stats.
@@ -243,7 +243,7 @@ def benchmark(bank: TensorBank, size, batch_size: int = 256, backends=None, *, w
     reference = decode_torch(bank, idx, (h, w), dtype=torch.float32)
     result = {"device": device_name(device), "size": [h, w], "batch_size": batch_size,
               "num_images": bank.num_images, "arch": f"{bank.arch.sine_layers}x{bank.arch.width}",
-              "hidden_dtype": bank.hidden_dtype, "load_seconds": bank.load_seconds,
+              "hidden_dtype": bank.hidden_dtype, "bank_layout": bank.layout, "load_seconds": bank.load_seconds,
               "bank_bytes": bank.nbytes, "backends": {}}
     for name in backends:
         try:

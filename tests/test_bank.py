@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from inrfmt import siren
-from inrfmt.bank import TensorBank
+from inrfmt.bank import TensorBank, layout_bytes
 from inrfmt.decode import decode
 from inrfmt.errors import InrFormatError, InrUsageError
 from inrfmt.format import Architecture, InrFile, InrWriter, WeightBatch
@@ -95,8 +95,8 @@ def test_device_side_mask_expansion_equals_reader(tmp_path, hidden_dtype, prune,
     path = tmp_path / "d.inr"
     write_inr(path, arch, 9, hidden_dtype=hidden_dtype, prune=prune, chunk_images=4, float_dtype=float_dtype)
     with InrFile(path) as f:
-        reference = TensorBank.from_file(f, "cpu", expand_on_device=False)
-        bank = TensorBank.from_file(f, "cpu", expand_on_device=True, workers=2)
+        reference = TensorBank.from_file(f, "cpu", layout="dense", expand_on_device=False)
+        bank = TensorBank.from_file(f, "cpu", layout="dense", expand_on_device=True, workers=2)
     for name in ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b", "labels",
                  "heights", "widths"):
         assert torch.equal(getattr(bank, name), getattr(reference, name)), name
@@ -119,23 +119,114 @@ def test_device_side_expansion_detects_mask_nnz_mismatch(tmp_path):
         f.index = original
 
 
-def test_bank_bytes_per_image_within_1_1_of_file_bytes(tmp_path):
-    # The paper's 10x28 net, 15% of hidden weights pruned (about the paper's CIFAR-10 average), int8.
-    # The bank keeps hidden weights dense, so its margin shrinks as pruning grows: measured with random
-    # weights, bank/file = 1.01 unpruned, 1.08 at 15.6%, 1.11 at 20%, 1.15 at 25% (see BENCHMARKS/report).
-    arch = Architecture(sine_layers=10, width=28)
+@pytest.mark.parametrize("sine_layers,width,prune,layout", [
+    (10, 28, 0.0, "dense"), (10, 28, 0.156, "dense"),   # the paper's CIFAR-10 mean prune ratio
+    (10, 32, 0.242, "compact"), (10, 40, 0.255, "compact"),  # Flowers-102, Mini-ImageNet
+    (10, 40, 0.4, "compact"), (3, 15, 0.156, "dense")])
+def test_bank_bytes_per_image_within_1_1_of_file_bytes(tmp_path, sine_layers, width, prune, layout):
+    # A dense int8 bank outgrows the (sparse, compressed) file as pruning grows: bank/file = 1.01 unpruned,
+    # 1.08 at 15.6%, 1.15 at 25%, 1.33 at 40% (10x40). layout="auto" switches to the compact layout there.
+    arch = Architecture(sine_layers=sine_layers, width=width)
     path = tmp_path / "d.inr"
-    n = 400
-    write_inr(path, arch, n, prune=0.15)
+    n = 300
+    write_inr(path, arch, n, prune=prune)
     with InrFile(path) as f:
         file_bytes = f.file_bytes
         bank = TensorBank.from_file(f, "cpu")
+        sizes = layout_bytes(f)
+    assert bank.layout == layout
+    assert bank.nbytes == sizes[layout]
     ratio = (bank.nbytes / n) / (file_bytes / n)
     assert ratio <= 1.1, f"bank {bank.nbytes / n:.0f} B/image vs file {file_bytes / n:.0f} B/image"
-    # Exactly the contract's tensors: dense int8 hidden weights, no dequantized float copy.
-    w, h = 28, 9
+    # Exactly the contract's tensors: int8 hidden weights (dense, or kept values + bitmaps + offsets), no
+    # dequantized float copy.
+    w, h = width, sine_layers - 1
     floats = 2 * w + w + h + h * w + 3 * w + 3
-    assert bank.nbytes == n * (h * w * w + 4 * floats + 8 + 4 + 4)
+    hidden = h * w * w if layout == "dense" else \
+        (bank.hidden_values.numel() / n + (h * w * w + 7) // 8 + 8)
+    assert bank.nbytes == pytest.approx(n * (hidden + 4 * floats + 8 + 4 + 4), abs=0.5)
+
+
+@pytest.mark.parametrize("hidden_dtype,prune,float_dtype,width", [
+    ("int8", 0.3, "float32", 13), ("int8", 0.0, "float32", 12), ("float16", 0.2, "float16", 13),
+    ("float32", 0.1, "float32", 9), ("int8", 1.0, "float32", 8)])
+def test_compact_bank_equals_dense_bank(tmp_path, hidden_dtype, prune, float_dtype, width):
+    # Width 13 with 2 hidden layers: 338 mask bits per image, so padding bits and odd-length bitmaps.
+    arch = Architecture(sine_layers=3, width=width)
+    path = tmp_path / "d.inr"
+    write_inr(path, arch, 11, hidden_dtype=hidden_dtype, prune=prune, chunk_images=4, float_dtype=float_dtype)
+    with InrFile(path) as f:
+        dense = TensorBank.from_file(f, "cpu", layout="dense")
+        calls = []
+        compact = TensorBank.from_file(f, "cpu", layout="compact", workers=2,
+                                       progress=lambda done, total: calls.append(done))
+        nnz = np.asarray(f.index["nnz"], np.int64)
+    assert calls == [4, 8, 11]
+    assert compact.layout == "compact" and compact.hidden_w is None and dense.layout == "dense"
+    assert compact.hidden_values.numel() == nnz.sum()
+    assert compact.hidden_offsets.tolist() == (np.cumsum(nnz) - nnz).tolist()
+    assert compact.hidden_dtype == hidden_dtype
+    for name in ("first_w", "first_b", "hidden_scale", "hidden_b", "last_w", "last_b", "labels", "heights",
+                 "widths"):
+        assert torch.equal(getattr(compact, name), getattr(dense, name)), name
+    idx = torch.tensor([10, 0, 3, 3, 7])
+    assert torch.equal(compact.hidden_dense(idx), dense.hidden_w[idx])
+    torch.testing.assert_close(decode(compact, idx, (5, 9)), decode(dense, idx, (5, 9)), atol=0, rtol=0)
+    # Conversions both ways give the same tensors (dense -> compact drops zeros, which decode the same).
+    assert torch.equal(compact.to_layout("dense").hidden_w, dense.hidden_w)
+    again = dense.to_layout("compact")
+    assert torch.equal(again.hidden_dense(idx), dense.hidden_w[idx])
+    assert compact.to("cpu").layout == "compact" and compact.to_layout("compact") is compact
+    assert "compact" in repr(compact)
+
+
+def test_compact_bank_validation(tmp_path):
+    arch = Architecture(sine_layers=3, width=6)
+    p = siren.init_params(arch, 4, generator=torch.Generator().manual_seed(0))
+    dense = TensorBank.from_params(p._replace(hidden_w=p.hidden_w * (p.hidden_w > 0)), arch)
+    good = dense.to_layout("compact")
+    parts = {name: getattr(good, name) for name in good._fields()}
+    TensorBank(arch, **parts)
+    with pytest.raises(InrUsageError, match="disagree"):
+        TensorBank(arch, **{**parts, "hidden_offsets": parts["hidden_offsets"].flip(0).contiguous()})
+    with pytest.raises(InrUsageError, match="disagree"):
+        TensorBank(arch, **{**parts, "hidden_values": parts["hidden_values"][:-1].contiguous()})
+    flipped = parts["hidden_masks"].clone()
+    flipped[0, 0] ^= 0x80  # one weight of image 0 kept <-> pruned: the counts no longer match the offsets
+    with pytest.raises(InrUsageError, match="disagree"):
+        TensorBank(arch, **{**parts, "hidden_masks": flipped})
+    with pytest.raises(InrUsageError, match="not both"):
+        TensorBank(arch, hidden_w=dense.hidden_w, **parts)
+    with pytest.raises(InrUsageError, match="give hidden_w"):
+        TensorBank(arch, **{k: v for k, v in parts.items() if k != "hidden_masks"})
+    with pytest.raises(InrUsageError, match="hidden_masks has dtype"):
+        TensorBank(arch, **{**parts, "hidden_masks": parts["hidden_masks"].to(torch.int8)})
+    with pytest.raises(InrUsageError, match="bank layout"):
+        good.to_layout("sparse")
+    with pytest.raises(InrUsageError, match="bank layout"):
+        TensorBank.from_file(tmp_path / "unused.inr", "cpu", layout="sparse")
+    # A set padding bit (width 5: 50 bits per image, 6 bits of padding) is refused too.
+    arch5 = Architecture(sine_layers=3, width=5)
+    p5 = siren.init_params(arch5, 2, generator=torch.Generator().manual_seed(1))
+    c5 = TensorBank.from_params(p5, arch5).to_layout("compact")
+    parts5 = {name: getattr(c5, name) for name in c5._fields()}
+    masks = parts5["hidden_masks"].clone()
+    masks[1, -1] |= 1
+    with pytest.raises(InrUsageError, match="padding bit"):
+        TensorBank(arch5, **{**parts5, "hidden_masks": masks})
+
+
+def test_compact_load_detects_mask_nnz_mismatch(tmp_path):
+    arch = Architecture(sine_layers=2, width=8)
+    path = tmp_path / "d.inr"
+    write_inr(path, arch, 5, prune=0.3)
+    with InrFile(path) as f:
+        index = f.index.copy()
+        index["nnz"][2] += 1
+        index["nnz"][3] -= 1  # same total, but two masks disagree with their counts
+        f.index = index
+        with pytest.raises(InrFormatError, match=r"index\[2\]\.nnz"):
+            TensorBank.from_file(f, "cpu", layout="compact")
 
 
 def test_from_params_quantizes_and_validates():
@@ -167,10 +258,14 @@ def test_cuda_upload_equals_cpu_bank(tmp_path):
     arch = Architecture(sine_layers=4, width=20)
     path = tmp_path / "d.inr"
     write_inr(path, arch, 37, prune=0.2, chunk_images=8)
-    cpu = TensorBank.from_file(path, "cpu")
+    cpu = TensorBank.from_file(path, "cpu", layout="dense")
     for expand_on_device in (None, False):  # default (bitmaps expanded on the GPU) and host expansion
-        gpu = TensorBank.from_file(path, "cuda", expand_on_device=expand_on_device)
+        gpu = TensorBank.from_file(path, "cuda", layout="dense", expand_on_device=expand_on_device)
         assert gpu.device.type == "cuda" and gpu.load_seconds > 0
         for name in ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b", "labels",
                      "heights", "widths"):
             assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), (name, expand_on_device)
+    compact_cpu = TensorBank.from_file(path, "cpu", layout="compact")
+    compact = TensorBank.from_file(path, "cuda", layout="compact")
+    for name in compact._fields():
+        assert torch.equal(getattr(compact, name).cpu(), getattr(compact_cpu, name)), name

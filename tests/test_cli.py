@@ -78,6 +78,14 @@ def test_info_load_reports_bank_stats():
     assert doc["load"]["file_bytes"] == GOLDEN.stat().st_size
     assert doc["load"]["bank_bytes"] > 0
     assert doc["load"]["load_seconds"] >= 0
+    assert doc["load"]["bank_layout"] in ("dense", "compact")
+    doc = json.loads(run("info", GOLDEN, "--json", "--load", "--device", "cpu", "--bank-layout", "compact",
+                         check_rc=0).stdout)
+    assert doc["load"]["bank_layout"] == "compact"
+    table = run("info", GOLDEN, "--load", "--device", "cpu", "--bank-layout", "dense", check_rc=0).stdout
+    assert "(dense, " in table and "x the file)" in table
+    proc = run("info", GOLDEN, "--load", "--bank-layout", "sparse", check_rc=2)
+    assert "sparse" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_verify_sound_file_exits_0():

@@ -154,3 +154,25 @@ def test_empty_index_lists(uniform_path):
         assert ds.__getitems__([]) == []
         assert ds.decode([], size=4).shape == (0, 3, 4, 4)
         assert np.array_equal(ds.sizes, np.tile([8, 12], (10, 1)))
+
+
+def test_bank_layouts_decode_and_load_the_same(tmp_path):
+    # A pruned file held dense and compact: identical pixels from decode, __getitem__ and the loader.
+    from tests.test_bank import write_inr
+    from inrfmt.format import Architecture
+
+    path = tmp_path / "pruned.inr"
+    write_inr(path, Architecture(sine_layers=6, width=24), 13, prune=0.4, chunk_images=5)
+    with inrfmt.open(path, device="cpu", bank_layout="dense") as dense, \
+            inrfmt.open(path, device="cpu", bank_layout="compact") as compact:
+        assert dense.stats()["bank_layout"] == "dense" and compact.stats()["bank_layout"] == "compact"
+        assert compact.stats()["bank_bytes"] < dense.stats()["bank_bytes"]
+        torch.testing.assert_close(compact.decode(range(13), size=9), dense.decode(range(13), size=9),
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(compact[12][0], dense[12][0], atol=0, rtol=0)
+        for (a, la), (b, lb) in zip(compact.loader(4, size=7, seed=3), dense.loader(4, size=7, seed=3)):
+            assert torch.equal(la, lb) and torch.equal(a, b)
+    with inrfmt.open(path, device="cpu") as auto:  # 40% pruned: a dense bank would exceed 1.1x the file
+        assert auto.bank.layout == "compact"
+    with pytest.raises(InrUsageError, match="bank layout"):
+        inrfmt.open(path, device="cpu", bank_layout="sparse")

@@ -21,7 +21,8 @@ from inrfmt.decode import decode, decode_torch  # noqa: E402
 from inrfmt.errors import InrUsageError  # noqa: E402
 from inrfmt.format import Architecture  # noqa: E402
 from inrfmt.kernels import siren_decode  # noqa: E402
-from inrfmt.kernels.siren_decode import compile_for_target, decode_triton  # noqa: E402
+from inrfmt.kernels.siren_decode import (compile_expand_for_target, compile_for_target, decode_triton,  # noqa: E402
+                                         expand_hidden)
 
 TOL = 2e-3  # max abs error on [0, 1] pixels (issue 3)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -143,6 +144,49 @@ def test_usage_errors(interpret, monkeypatch):
         decode_triton(bank, [0], 4)
 
 
+def guarded_compact_bank(sine_layers, width, n, hidden_dtype, prune, seed=0):
+    """A compact bank (prune of the hidden weights zeroed) whose values/masks/offsets are followed by poison."""
+    arch = Architecture(sine_layers=sine_layers, width=width)
+    params = siren.init_params(arch, n, generator=torch.Generator().manual_seed(seed))
+    keep = torch.rand(params.hidden_w.shape, generator=torch.Generator().manual_seed(seed + 1)) >= prune
+    dense = TensorBank.from_params(params._replace(hidden_w=params.hidden_w * keep), arch, hidden_dtype=hidden_dtype)
+    compact = dense.to_layout("compact")
+    guarded = {name: getattr(compact, name) for name in ("labels", "heights", "widths")}
+    for name in compact._fields():
+        if name in guarded:
+            continue
+        t = getattr(compact, name)
+        poison = {torch.int8: 127, torch.uint8: 255, torch.int64: 2 ** 40}.get(t.dtype, float("nan"))
+        buf = torch.full((t.numel() + 4096,), poison, dtype=t.dtype)
+        buf[:t.numel()] = t.reshape(-1)
+        guarded[name] = buf[:t.numel()].view(t.shape)
+    return dense, TensorBank(arch, **guarded)
+
+
+@pytest.mark.parametrize("sine_layers,width,hidden_dtype,prune", [
+    (3, 13, "int8", 0.3),      # 338 bits per image: padding bits in the last mask byte
+    (10, 40, "int8", 0.255),   # Mini-ImageNet: 14400 bits, several expansion blocks per image
+    (2, 17, "float16", 0.5),
+    (3, 15, "float32", 0.0),
+    (2, 9, "int8", 1.0),       # everything pruned: no values at all
+])
+def test_interpreted_compact_expansion_and_decode(interpret, sine_layers, width, hidden_dtype, prune):
+    dense, compact = guarded_compact_bank(sine_layers, width, 6, hidden_dtype, prune)
+    assert compact.layout == "compact" and compact.nbytes < dense.nbytes or prune == 0
+    idx = torch.tensor([5, 0, 3, 5])  # the last image, twice
+    expanded = expand_hidden(compact, idx)
+    assert expanded.dtype == dense.hidden_w.dtype and torch.equal(expanded, dense.hidden_w[idx])
+    assert torch.equal(compact.hidden_dense(idx), dense.hidden_w[idx])
+    theta = random_theta(4, seed=7)
+    got = decode_triton(compact, idx, (6, 9), theta, fp16_dot=False)
+    assert torch.equal(got, decode_triton(dense, idx, (6, 9), theta, fp16_dot=False))
+    assert (decode(compact, idx, (6, 9), theta, backend="triton") - decode_torch(dense, idx, (6, 9), theta)
+            ).abs().max().item() <= TOL
+    # An out-of-range device index expands to zeros and decodes to NaN, as with a dense bank.
+    bad = expand_hidden(compact, torch.tensor([6, -1, 1]))
+    assert (bad[:2] == 0).all() and torch.equal(bad[2], dense.hidden_w[1])
+
+
 def _ptxas_available() -> bool:
     try:
         from triton.backends.nvidia.compiler import get_ptxas
@@ -177,6 +221,17 @@ def test_kernel_compiles_for_gpu_without_one(capability, width, hidden, hidden_d
             usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                                    text=True).stdout
         assert "LOCAL:0" in usage, usage  # no register spills to local memory
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not available")
+@pytest.mark.parametrize("capability", [80, 90])
+def test_compact_bank_kernels_compile_for_gpu_without_one(capability):
+    # The decode kernel reading a batch's expanded weights, and the expansion kernel itself.
+    compiled = compile_for_target(40, 9, capability=capability, hidden_by_batch=True, split_width=capability == 90)
+    assert compiled.asm["cubin"] and "mma" in compiled.asm["ptx"]
+    for total, dtype in ((9 * 40 * 40, "int8"), (2 * 15 * 15, "float16")):
+        expand = compile_expand_for_target(total, capability=capability, hidden_dtype=dtype)
+        assert expand.asm["cubin"]
 
 
 # -- on a GPU (tools/gpu_check.sh) -------------------------------------------------------------------
@@ -217,6 +272,22 @@ def test_cuda_width_64_padding_last_image_and_invalid_index():
     got = decode_triton(bank, bad, 8)
     torch.cuda.synchronize()
     assert torch.isfinite(got[0]).all() and torch.isnan(got[1:]).all()
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("sine_layers,width,prune", [(10, 40, 0.255), (10, 28, 0.156), (3, 15, 0.5)])
+def test_cuda_compact_bank_matches_dense(sine_layers, width, prune):
+    dense, compact = guarded_compact_bank(sine_layers, width, 300, "int8", prune)
+    dense, compact = dense.to("cuda"), compact.to("cuda")
+    idx = torch.randint(0, 300, (96,), device="cuda")
+    assert torch.equal(expand_hidden(compact, idx), dense.hidden_w[idx])
+    theta = random_theta(96, seed=5).cuda()
+    got = decode(compact, idx, 56, theta)
+    ref = decode(dense, idx, 56, theta)
+    torch.cuda.synchronize()
+    assert torch.equal(got, ref)
+    assert (got - decode_torch(dense, idx, 56, theta)).abs().max().item() <= TOL
 
 
 @cuda

@@ -5,6 +5,8 @@ Cases (issue 3 targets in brackets, on a GPU): 10x28 and 10x32 at 224^2 [>=150k 
 224^2 [>=60k at 224^2], 3x15 at 32^2 [>=10M img/s]; max abs error of each backend against the fp32 torch
 path [<=2e-3]; load GB/s of a synthetic .inr file into a TensorBank [>=2 GB/s] and bank/file bytes per image
 [<=1.1]. Banks hold random SIREN-initialised weights (int8 hidden layers, like a converted file).
+Each decode case is also timed on a compact bank (25% of hidden weights pruned; the batch's weights are
+expanded before the decode kernel), config "compact", to measure what that layout costs.
 
 On CUDA every case times the torch path, the triton kernel's default config and a small sweep of tile
 configs (and the libdevice sine), so the best config can be read off one run. --quick runs tiny sizes on
@@ -57,9 +59,15 @@ SWEEP = [
 ]
 
 
-def random_bank(sine_layers, width, n, device, seed=0):
+COMPACT_PRUNE = 0.25  # pruned fraction of the compact-bank decode cases (the paper's large presets: ~25%)
+
+
+def random_bank(sine_layers, width, n, device, seed=0, prune=0.0):
     arch = Architecture(sine_layers=sine_layers, width=width)
     params = siren.init_params(arch, n, generator=torch.Generator().manual_seed(seed))
+    if prune:
+        keep = torch.rand(params.hidden_w.shape, generator=torch.Generator().manual_seed(seed + 1)) >= prune
+        params = params._replace(hidden_w=params.hidden_w * keep)
     return TensorBank.from_params(params, arch, hidden_dtype="int8", device=device)
 
 
@@ -109,6 +117,12 @@ def decode_cases(device, cases, min_seconds, sweep):
                     stats = {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}
                 rows.append({"arch": f"{sine_layers}x{width}", "size": f"{size}x{size}", "batch": batch,
                              "backend": "triton", "config": "sweep", **stats})
+        compact = random_bank(sine_layers, width, max(1024, batch), device, prune=COMPACT_PRUNE).to_layout("compact")
+        result = benchmark(compact, size, batch, min_seconds=min_seconds / 2)
+        for name, stats in result["backends"].items():
+            rows.append({"arch": f"{sine_layers}x{width}", "size": f"{size}x{size}", "batch": batch,
+                         "backend": name, "config": "compact", "prune": COMPACT_PRUNE, **stats})
+        del compact
         print(f"  {sine_layers}x{width} @ {size}^2: " + ", ".join(
             f"{r['backend']}/{r['config']} {r.get('img_per_s', float('nan')):,.0f} img/s"
             for r in rows if r["arch"] == f"{sine_layers}x{width}" and r["size"] == f"{size}x{size}")
@@ -144,6 +158,10 @@ def write_synthetic_inr(path, sine_layers, width, n, prune, seed=0):
 
 
 def load_case(device, sine_layers, width, n, prune, workdir):
+    """Write a synthetic file and load it: the default path (layout auto), then each layout explicitly, and on
+    CUDA the host-side bitmap expansion for comparison."""
+    from inrfmt.bank import auto_layout
+
     path = os.path.join(workdir, f"bench_{sine_layers}x{width}_{n}.inr")
     t0 = time.perf_counter()
     write_synthetic_inr(path, sine_layers, width, n, prune)
@@ -151,18 +169,22 @@ def load_case(device, sine_layers, width, n, prune, workdir):
     rows = []
     with InrFile(path) as f:
         file_bytes = f.file_bytes
+        auto = auto_layout(f)
         TensorBank.from_file(f, device)  # warm-up: page cache, CUDA context, allocator
-        # On CUDA, also the host-side bitmap expansion (InrFile.read_chunk) for comparison.
-        for expand in ((None, False) if device.type == "cuda" else (None,)):
-            bank = TensorBank.from_file(f, device, expand_on_device=expand)
-            rows.append({"arch": f"{sine_layers}x{width}", "images": n, "prune": prune,
-                         "path": "default" if expand is None else "host-expansion",
+        paths = [("default", dict()), ("dense", dict(layout="dense")), ("compact", dict(layout="compact"))]
+        if device.type == "cuda":
+            paths.append(("host-expansion", dict(layout="dense", expand_on_device=False)))
+        for name, kwargs in paths:
+            bank = TensorBank.from_file(f, device, **kwargs)
+            rows.append({"arch": f"{sine_layers}x{width}", "images": n, "prune": prune, "path": name,
+                         "layout": bank.layout, "auto_layout": auto,
                          "file_bytes": file_bytes, "bank_bytes": bank.nbytes, "load_seconds": bank.load_seconds,
                          "load_gb_per_s": file_bytes / bank.load_seconds / 1e9,
                          "bank_over_file_bytes": bank.nbytes / file_bytes, "write_seconds": write_seconds,
                          "note": "file in page cache (just written); random int8 weights"})
-            print(f"  load {sine_layers}x{width} x{n} ({rows[-1]['path']}): {rows[-1]['load_gb_per_s']:.2f} GB/s, "
-                  f"bank/file {rows[-1]['bank_over_file_bytes']:.3f}", file=sys.stderr)
+            print(f"  load {sine_layers}x{width} x{n} p={prune} ({name}, {bank.layout}): "
+                  f"{rows[-1]['load_gb_per_s']:.2f} GB/s, bank/file {rows[-1]['bank_over_file_bytes']:.3f}",
+                  file=sys.stderr)
             del bank
     os.remove(path)
     return rows
@@ -176,6 +198,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=None, help="timing window per measurement")
     ap.add_argument("--no-sweep", action="store_true", help="only the default triton config")
     ap.add_argument("--load-images", type=int, default=None, help="images in the synthetic load-test file")
+    ap.add_argument("--only", choices=("decode", "load"), default=None, help="run only the decode or the load cases")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -200,11 +223,19 @@ def main(argv=None):
         result["cuda"] = torch.version.cuda
         result["capability"] = list(torch.cuda.get_device_capability(device))
     print(f"bench_decode on {result['device']}", file=sys.stderr)
-    result["decode"] = decode_cases(device, QUICK_CASES if quick else FULL_CASES, min_seconds,
-                                    sweep=not args.no_sweep)
+    if args.only != "load":
+        result["decode"] = decode_cases(device, QUICK_CASES if quick else FULL_CASES, min_seconds,
+                                        sweep=not args.no_sweep)
     n_load = args.load_images or (300 if quick else 20000)
     with tempfile.TemporaryDirectory(prefix="inrfmt-bench-") as workdir:
-        for sine_layers, width, prune in ([(10, 28, 0.2), (3, 15, 0.15)] if not quick else [(10, 28, 0.2)]):
+        if args.only == "decode":
+            cases = []
+        # The paper's mean prune ratios: CIFAR-10 15.6%, Flowers-102 24.2% (10x32), Mini-ImageNet 25.5% (10x40).
+        elif not quick:
+            cases = [(10, 28, 0.156), (10, 32, 0.242), (10, 40, 0.255), (10, 40, 0.4), (3, 15, 0.156)]
+        else:
+            cases = [(10, 28, 0.2), (10, 40, 0.255)]
+        for sine_layers, width, prune in cases:
             result["load"].extend(load_case(device, sine_layers, width, n_load, prune, workdir))
     text = json.dumps(result, indent=2)
     if args.out:

@@ -79,7 +79,7 @@ for stage in $STAGES; do
             --junitxml="$OUT_DIR/pytest_gpu.xml" tests
         ;;
     decode)
-        run bench_decode 140 "$PY" tools/bench_decode.py --seconds 0.3 --out "$OUT_DIR/bench_decode.json"
+        run bench_decode 140 "$PY" tools/bench_decode.py --seconds 0.3 --load-images 10000 --out "$OUT_DIR/bench_decode.json"
         ;;
     encode)
         if [ -f tools/bench_encode.py ]; then

@@ -63,11 +63,13 @@ def _siren_decode_kernel(
     first_w0, w0, invalid_value,
     WIDTH: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, NUM_HIDDEN: tl.constexpr, OUT_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, HAS_THETA: tl.constexpr, FAST_SIN: tl.constexpr, RANGE_REDUCE: tl.constexpr,
-    FP16_DOT: tl.constexpr, SINE: tl.constexpr,
+    FP16_DOT: tl.constexpr, HIDDEN_BY_BATCH: tl.constexpr, SINE: tl.constexpr,
 ):
     # Units are held in block A (units 0..WA-1) and, when WB > 0, block B (units WA..WA+WB-1); WB == 0
     # means one block of WA >= WIDTH units. SINE is `_sine` for the current mode, passed as a constexpr
     # (a jitted helper cannot be called from the interpreter, nor a plain function from compiled code).
+    # HIDDEN_BY_BATCH: hidden_w_ptr is the batch's own [B,H,W,W] weights (expanded from a compact bank),
+    # indexed by batch position instead of image index.
     pid = tl.program_id(0)
     b = pid // tiles_per_image
     tile = pid % tiles_per_image
@@ -97,6 +99,10 @@ def _siren_decode_kernel(
     ka_mask = ka < WIDTH
     fw = first_w_ptr + img * (WIDTH * 2)
     fb = first_b_ptr + img * WIDTH
+    if HIDDEN_BY_BATCH:
+        wimg = b.to(tl.int64)
+    else:
+        wimg = img
 
     # -- first sine layer: z = first_w0 * (W c + b) ------------------------------------------------
     za = (x[:, None] * (tl.load(fw + ka * 2, mask=ka_mask, other=0.0) * first_w0)[None, :]
@@ -125,7 +131,7 @@ def _siren_decode_kernel(
         msk_bb = kb_mask[:, None] & kb_mask[None, :]
     for layer in range(NUM_HIDDEN):
         lw = img * NUM_HIDDEN + layer
-        wbase = hidden_w_ptr + lw * (WIDTH * WIDTH)
+        wbase = hidden_w_ptr + (wimg * NUM_HIDDEN + layer) * (WIDTH * WIDTH)
         scale = tl.load(hidden_scale_ptr + lw) * w0
         hbase = hidden_b_ptr + lw * WIDTH
         q_aa = tl.load(wbase + off_aa, mask=msk_aa, other=0)
@@ -178,7 +184,44 @@ def _siren_decode_kernel(
     tl.store(out_ptr + offs, pix.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
 
+def _add(a, b):
+    return a + b
+
+
+def _expand_hidden_kernel(idx_ptr, masks_ptr, offsets_ptr, values_ptr, out_ptr, num_images, mask_row_bytes,
+                          TOTAL: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, ADD: tl.constexpr):
+    """out[b] = the dense [H*W*W] hidden weights of image idx[b] of a compact bank: bit i of the image's
+    bitmap set -> the next of its kept values, else 0 (all zeros for an out-of-range index).
+    INTERPRETED: scan and sum with ADD (`_add` jitted under TRITON_INTERPRET) instead of tl.cumsum/tl.sum, whose
+    helpers were jitted when triton was imported and so cannot run in the interpreter if TRITON_INTERPRET was
+    set later; compiled, ADD is unused (a combine function cannot be passed as a constexpr there)."""
+    b = tl.program_id(0)
+    img = tl.load(idx_ptr + b).to(tl.int64)
+    valid = (img >= 0) & (img < num_images)
+    img = tl.where(valid, img, 0)
+    mask_row = masks_ptr + img * mask_row_bytes
+    dst = out_ptr + b.to(tl.int64) * TOTAL
+    taken = tl.load(offsets_ptr + img)  # int64: index of the next kept value in values_ptr
+    for start in range(0, TOTAL, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        in_range = pos < TOTAL
+        byte = tl.load(mask_row + (pos >> 3), mask=in_range, other=0).to(tl.int32)
+        bit = (byte >> (7 - (pos & 7))) & 1  # numpy packbits order: most significant bit first
+        bit = tl.where(valid, bit, 0)
+        if INTERPRETED:
+            inclusive = tl.associative_scan(bit, 0, ADD)
+            count = tl.reduce(bit, 0, ADD)
+        else:
+            inclusive = tl.cumsum(bit, 0)
+            count = tl.sum(bit, 0)
+        rank = inclusive - bit  # kept values before this one within the block
+        value = tl.load(values_ptr + (taken + rank), mask=bit != 0, other=0)
+        tl.store(dst + pos, value, mask=in_range)
+        taken += count
+
+
 _KERNELS: dict[bool, tuple] = {}
+_EXPAND_KERNELS: dict[bool, tuple] = {}
 
 
 def interpret_mode() -> bool:
@@ -191,6 +234,41 @@ def _kernel(interpret: bool):
     if interpret not in _KERNELS:
         _KERNELS[interpret] = (triton.jit(_siren_decode_kernel), _sine if interpret else triton.jit(_sine))
     return _KERNELS[interpret]
+
+
+def _expand_kernel(interpret: bool):
+    """(kernel, add helper) for the current mode, as _kernel."""
+    if interpret not in _EXPAND_KERNELS:
+        # Interpreted, the scan's combine function is jitted now, under TRITON_INTERPRET (the interpreter
+        # calls it through .fn); compiled, the kernel uses tl.cumsum/tl.sum.
+        _EXPAND_KERNELS[interpret] = (triton.jit(_expand_hidden_kernel), triton.jit(_add) if interpret else None)
+    return _EXPAND_KERNELS[interpret]
+
+
+EXPAND_BLOCK = 1024  # bitmap positions per step of the expansion kernel
+
+
+def expand_hidden(bank, idx: torch.Tensor) -> torch.Tensor:
+    """[B,H,W,W] hidden weights (storage dtype) of images `idx` (int64 on the bank's device) of a compact
+    bank, in one launch of one program per image. Same result as bank.hidden_dense(idx)."""
+    batch = idx.numel()
+    out = torch.empty((batch, *bank.hidden_shape), dtype=bank.hidden_values.dtype, device=bank.device)
+    if batch == 0:
+        return out
+    if bank.hidden_values.numel() == 0:  # everything pruned: nothing to read
+        return out.zero_()
+    total = bank.hidden_total
+    kernel, add = _expand_kernel(interpret_mode())
+    args = (idx, bank.hidden_masks, bank.hidden_offsets, bank.hidden_values, out, bank.num_images,
+            bank.hidden_masks.shape[1])
+    meta = dict(TOTAL=total, BLOCK=min(EXPAND_BLOCK, triton.next_power_of_2(total)), INTERPRETED=add is not None,
+                ADD=add)
+    if bank.device.type == "cuda":
+        with torch.cuda.device(bank.device):
+            kernel[(batch,)](*args, **meta, num_warps=4)
+    else:
+        kernel[(batch,)](*args, **meta)
+    return out
 
 
 def padded_width(width: int) -> int:
@@ -258,15 +336,19 @@ def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.floa
     grid = (batch * tiles,)
     if grid[0] >= 2 ** 31:
         raise InrUsageError(f"batch {batch} at {h}x{w} needs {grid[0]} programs; decode fewer images at once")
+    hidden = bank.hidden_w
+    by_batch = hidden is None
+    if by_batch:  # compact bank: this batch's weights, expanded once (a [B,H,W,W] temporary)
+        hidden = expand_hidden(bank, idx)
     args = (
         idx, theta if theta is not None else idx, out,
-        bank.first_w, bank.first_b, bank.hidden_w, bank.hidden_scale, bank.hidden_b, bank.last_w, bank.last_b,
+        bank.first_w, bank.first_b, hidden, bank.hidden_scale, bank.hidden_b, bank.last_w, bank.last_b,
         bank.num_images, h, w, tiles,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         float(arch.first_w0), float(arch.w0), float("nan"),
     )
     meta = _constexprs(width, arch.hidden_layers, block_pixels, theta is not None, fast_sin, range_reduce, fp16_dot,
-                       split_width)
+                       split_width, by_batch)
     kernel, sine = _kernel(interpret)
     meta["SINE"] = sine
     if device.type == "cuda":
@@ -277,11 +359,12 @@ def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.floa
     return out
 
 
-def _constexprs(width, hidden_layers, block_pixels, has_theta, fast_sin, range_reduce, fp16_dot, split) -> dict:
+def _constexprs(width, hidden_layers, block_pixels, has_theta, fast_sin, range_reduce, fp16_dot, split,
+                hidden_by_batch) -> dict:
     wa, wb = width_blocks(width, split)
     return dict(WIDTH=int(width), WA=wa, WB=wb, NUM_HIDDEN=int(hidden_layers), OUT_PAD=OUT_PAD,
                 BLOCK_P=int(block_pixels), HAS_THETA=bool(has_theta), FAST_SIN=bool(fast_sin),
-                RANGE_REDUCE=bool(range_reduce), FP16_DOT=bool(fp16_dot))
+                RANGE_REDUCE=bool(range_reduce), FP16_DOT=bool(fp16_dot), HIDDEN_BY_BATCH=bool(hidden_by_batch))
 
 
 _TRITON_TYPES = {"int8": "i8", "float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
@@ -289,7 +372,7 @@ _TRITON_TYPES = {"int8": "i8", "float16": "fp16", "float32": "fp32", "bfloat16":
 
 def compile_for_target(width, hidden_layers, *, capability=90, hidden_dtype="int8", out_dtype="float32",
                        block_pixels=None, num_warps=None, has_theta=True, fast_sin=True, range_reduce=None,
-                       fp16_dot=True, split_width=True):
+                       fp16_dot=True, split_width=True, hidden_by_batch=False):
     """Compile the kernel ahead of time for an NVIDIA GPU of `capability` (e.g. 80, 90) without needing one.
 
     Returns triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata). Used by the tests to check on
@@ -300,7 +383,7 @@ def compile_for_target(width, hidden_layers, *, capability=90, hidden_dtype="int
 
     default_pixels, default_warps = default_config(width, split_width)
     meta = _constexprs(width, hidden_layers, block_pixels or default_pixels, has_theta, fast_sin,
-                       fast_sin if range_reduce is None else range_reduce, fp16_dot, split_width)
+                       fast_sin if range_reduce is None else range_reduce, fp16_dot, split_width, hidden_by_batch)
     signature = {"idx_ptr": "*i64", "theta_ptr": "*fp32", "out_ptr": "*" + _TRITON_TYPES[out_dtype],
                  "first_w_ptr": "*fp32", "first_b_ptr": "*fp32", "hidden_w_ptr": "*" + _TRITON_TYPES[hidden_dtype],
                  "hidden_scale_ptr": "*fp32", "hidden_b_ptr": "*fp32", "last_w_ptr": "*fp32", "last_b_ptr": "*fp32",
@@ -312,3 +395,18 @@ def compile_for_target(width, hidden_layers, *, capability=90, hidden_dtype="int
     source = ASTSource(triton.jit(_siren_decode_kernel), signature, constexprs=meta)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps or default_warps})
+
+
+def compile_expand_for_target(total, *, capability=90, hidden_dtype="int8"):
+    """Compile the compact-bank expansion kernel ahead of time for `capability` (see compile_for_target)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    meta = dict(TOTAL=int(total), BLOCK=min(EXPAND_BLOCK, triton.next_power_of_2(total)), INTERPRETED=False,
+                ADD=None)
+    signature = {"idx_ptr": "*i64", "masks_ptr": "*u8", "offsets_ptr": "*i64",
+                 "values_ptr": "*" + _TRITON_TYPES[hidden_dtype], "out_ptr": "*" + _TRITON_TYPES[hidden_dtype],
+                 "num_images": "i32", "mask_row_bytes": "i32"}
+    signature.update({name: "constexpr" for name in meta})
+    source = ASTSource(triton.jit(_expand_hidden_kernel), signature, constexprs=meta)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
