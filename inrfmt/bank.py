@@ -1,7 +1,8 @@
 """TensorBank: a whole .inr dataset as one set of contiguous tensors on one device.
 
 The bank keeps hidden-layer weights in the file's storage dtype (int8 with per-image per-layer scales, or
-float16/float32): dequantization happens inside the decoders. Hidden weights are held in one of two layouts:
+float16/float32), and the first/last layers and biases in the file's float dtype (float32, or float16 for
+files written with --float-dtype float16): dequantization and upcasting happen inside the decoders. Hidden weights are held in one of two layouts:
 
   dense    [N,H,W,W], pruned weights stored as zeros. The decoders read it directly (fastest).
   compact  the file's own representation: the kept values of all images back to back ([total_nnz]), the
@@ -40,6 +41,8 @@ HIDDEN_DTYPES = {
 _WEIGHT_FIELDS = ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b")
 _COMPACT_FIELDS = ("hidden_values", "hidden_masks", "hidden_offsets")
 _META_FIELDS = ("labels", "heights", "widths")
+_FLOAT_FIELDS = ("first_w", "first_b", "hidden_b", "last_w", "last_b")  # one dtype: FLOAT_DTYPES
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 LAYOUTS = ("auto", "dense", "compact")
 # layout="auto" keeps the bank within this factor of the file's bytes when the compact layout can.
 AUTO_MAX_BANK_OVER_FILE = 1.1
@@ -55,11 +58,11 @@ def _hidden_dtype_name(dtype: torch.dtype) -> str:
 class TensorBank:
     """Per-image SIREN weights of N images, as contiguous tensors on one device.
 
-    Fields (docs/internals.md): first_w f32 [N,W,2], first_b f32 [N,W], hidden_scale f32 [N,H],
-    hidden_b f32 [N,H,W], last_w f32 [N,3,W], last_b f32 [N,3], labels int64 [N], heights int32 [N],
+    Fields (docs/internals.md): first_w [N,W,2], first_b [N,W], hidden_b [N,H,W], last_w [N,3,W], last_b [N,3]
+    (all float32, or all float16), hidden_scale f32 [N,H], labels int64 [N], heights int32 [N],
     widths int32 [N]; hidden weights either dense (hidden_w int8|f16|f32 [N,H,W,W]) or compact
     (hidden_values [total_nnz], hidden_masks uint8 [N, ceil(H*W*W/8)], hidden_offsets int64 [N]; hidden_w is
-    None); arch, layout, w0, first_w0, nbytes (bank bytes), load_seconds.
+    None); arch, layout, float_dtype, w0, first_w0, nbytes (bank bytes), load_seconds.
     """
 
     def __init__(self, arch: "Architecture", *, first_w: torch.Tensor, first_b: torch.Tensor,
@@ -76,13 +79,14 @@ class TensorBank:
                                 "hidden_offsets (compact)")
         if not compact and any(t is not None for t in (hidden_values, hidden_masks, hidden_offsets)):
             raise InrUsageError("TensorBank: give hidden_w or the compact hidden_* tensors, not both")
+        floats = (first_w.dtype,) if first_w.dtype in FLOAT_DTYPES.values() else tuple(FLOAT_DTYPES.values())
         expected = {
-            "first_w": ((n, w, 2), (torch.float32,)),
-            "first_b": ((n, w), (torch.float32,)),
+            "first_w": ((n, w, 2), floats),
+            "first_b": ((n, w), floats),
             "hidden_scale": ((n, h), (torch.float32,)),
-            "hidden_b": ((n, h, w), (torch.float32,)),
-            "last_w": ((n, 3, w), (torch.float32,)),
-            "last_b": ((n, 3), (torch.float32,)),
+            "hidden_b": ((n, h, w), floats),
+            "last_w": ((n, 3, w), floats),
+            "last_b": ((n, 3), floats),
         }
         given = dict(first_w=first_w, first_b=first_b, hidden_scale=hidden_scale, hidden_b=hidden_b,
                      last_w=last_w, last_b=last_b)
@@ -170,6 +174,11 @@ class TensorBank:
         return "compact" if self.hidden_w is None else "dense"
 
     @property
+    def float_dtype(self) -> str:
+        """"float32" or "float16": the dtype of the first/last layers and biases."""
+        return "float16" if self.first_w.dtype == torch.float16 else "float32"
+
+    @property
     def hidden_total(self) -> int:
         """Hidden weights per image, H*W*W."""
         return self.arch.hidden_layers * self.arch.width ** 2
@@ -248,9 +257,10 @@ class TensorBank:
 
         hidden = self.hidden_dense(indices).to(torch.float32)
         hidden.mul_(self.hidden_scale[indices][:, :, None, None])
-        return SirenParams(first_w=self.first_w[indices], first_b=self.first_b[indices], hidden_w=hidden,
-                           hidden_b=self.hidden_b[indices], last_w=self.last_w[indices],
-                           last_b=self.last_b[indices])
+        f32 = torch.float32
+        return SirenParams(first_w=self.first_w[indices].to(f32), first_b=self.first_b[indices].to(f32),
+                           hidden_w=hidden, hidden_b=self.hidden_b[indices].to(f32),
+                           last_w=self.last_w[indices].to(f32), last_b=self.last_b[indices].to(f32))
 
     # -- constructors -----------------------------------------------------------------------------
     @classmethod
@@ -328,6 +338,8 @@ class TensorBank:
         try:
             if f.hidden_dtype not in HIDDEN_DTYPES:
                 raise InrFormatError(f"{f.path}: hidden_dtype {f.hidden_dtype!r} is not supported by the bank")
+            if f.float_dtype not in FLOAT_DTYPES:
+                raise InrFormatError(f"{f.path}: float_dtype {f.float_dtype!r} is not supported by the bank")
             if layout == "auto":
                 layout = auto_layout(f)
             if layout == "compact":
@@ -351,13 +363,14 @@ class TensorBank:
         n, w, h = f.num_images, arch.width, arch.hidden_layers
         total = h * w * w
         hidden_dtype = HIDDEN_DTYPES[f.hidden_dtype]
+        fdt = FLOAT_DTYPES[f.float_dtype]
         nnz = np.asarray(f.index["nnz"], dtype=np.int64)
         bank = {
-            "first_w": torch.empty((n, w, 2), dtype=torch.float32, device=device),
-            "first_b": torch.empty((n, w), dtype=torch.float32, device=device),
-            "hidden_b": torch.empty((n, h, w), dtype=torch.float32, device=device),
-            "last_w": torch.empty((n, 3, w), dtype=torch.float32, device=device),
-            "last_b": torch.empty((n, 3), dtype=torch.float32, device=device),
+            "first_w": torch.empty((n, w, 2), dtype=fdt, device=device),
+            "first_b": torch.empty((n, w), dtype=fdt, device=device),
+            "hidden_b": torch.empty((n, h, w), dtype=fdt, device=device),
+            "last_w": torch.empty((n, 3, w), dtype=fdt, device=device),
+            "last_b": torch.empty((n, 3), dtype=fdt, device=device),
         }
         value_starts = np.concatenate([[0], np.cumsum(nnz)])  # a maskless file has nnz == H*W*W (checked)
         if compact:
@@ -443,11 +456,12 @@ class TensorBank:
         start_time = time.perf_counter()
         arch = f.arch
         n, w, h = f.num_images, arch.width, arch.hidden_layers
+        fdt = FLOAT_DTYPES[f.float_dtype]  # read_chunk gives float32; float16 files' values convert exactly
         shapes = {
-            "first_w": ((w, 2), torch.float32), "first_b": ((w,), torch.float32),
+            "first_w": ((w, 2), fdt), "first_b": ((w,), fdt),
             "hidden_w": ((h, w, w), HIDDEN_DTYPES[f.hidden_dtype]), "hidden_scale": ((h,), torch.float32),
-            "hidden_b": ((h, w), torch.float32), "last_w": ((3, w), torch.float32),
-            "last_b": ((3,), torch.float32),
+            "hidden_b": ((h, w), fdt), "last_w": ((3, w), fdt),
+            "last_b": ((3,), fdt),
         }
         bank = {name: torch.empty((n, *shape), dtype=dtype, device=device) for name, (shape, dtype) in shapes.items()}
 
@@ -565,7 +579,8 @@ def layout_bytes(f) -> dict[str, int]:
     n, w, h = f.num_images, arch.width, arch.hidden_layers
     total = h * w * w
     item = HIDDEN_DTYPES[f.hidden_dtype].itemsize
-    common = n * (4 * (2 * w + w + h + h * w + 3 * w + 3) + 8 + 4 + 4)  # floats, scales, labels, sizes
+    fitem = FLOAT_DTYPES[f.float_dtype].itemsize
+    common = n * (fitem * (2 * w + w + h * w + 3 * w + 3) + 4 * h + 8 + 4 + 4)  # floats, scales, labels, sizes
     nnz = int(np.asarray(f.index["nnz"], dtype=np.int64).sum()) if f.has_masks else n * total
     return {"dense": common + n * total * item,
             "compact": common + nnz * item + n * ((total + 7) // 8) + n * 8}

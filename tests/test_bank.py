@@ -180,6 +180,31 @@ def test_compact_bank_equals_dense_bank(tmp_path, hidden_dtype, prune, float_dty
     assert "compact" in repr(compact)
 
 
+@pytest.mark.parametrize("layout,expand_on_device", [("dense", False), ("dense", True), ("compact", None)])
+def test_float16_file_keeps_float16_in_the_bank(tmp_path, layout, expand_on_device):
+    # --float-dtype float16 files: first/last layers and biases stay float16 on the device (exact: the file
+    # holds float16), so the bank stays about the file's size; the decoders upcast them.
+    arch = Architecture(sine_layers=3, width=16)
+    path = tmp_path / "d.inr"
+    wb = write_inr(path, arch, 40, prune=0.1, chunk_images=16, float_dtype="float16")
+    with InrFile(path) as f:
+        bank = TensorBank.from_file(f, "cpu", layout=layout, expand_on_device=expand_on_device)
+        assert bank.nbytes == layout_bytes(f)[layout]
+        assert bank.nbytes <= 1.1 * f.file_bytes
+        chunk = f.read_chunk(1)
+    assert bank.float_dtype == "float16"
+    for name in ("first_w", "first_b", "hidden_b", "last_w", "last_b"):
+        assert getattr(bank, name).dtype == torch.float16, name
+        np.testing.assert_array_equal(getattr(bank, name)[16:32].float().numpy(), getattr(chunk, name))
+    # The same weights upcast to float32 decode to the same pixels.
+    upcast = TensorBank.from_weight_batch(chunk, arch)
+    idx = torch.arange(16, 32)
+    torch.testing.assert_close(decode(bank, idx, 7), decode(upcast, idx - 16, 7), atol=0, rtol=0)
+    assert bank.to("cpu").float_dtype == "float16"
+    with pytest.raises(InrUsageError, match="last_b has dtype"):
+        TensorBank(arch, **{**{n: getattr(bank, n) for n in bank._fields()}, "last_b": bank.last_b.float()})
+
+
 def test_compact_bank_validation(tmp_path):
     arch = Architecture(sine_layers=3, width=6)
     p = siren.init_params(arch, 4, generator=torch.Generator().manual_seed(0))
@@ -269,3 +294,12 @@ def test_cuda_upload_equals_cpu_bank(tmp_path):
     compact = TensorBank.from_file(path, "cuda", layout="compact")
     for name in compact._fields():
         assert torch.equal(getattr(compact, name).cpu(), getattr(compact_cpu, name)), name
+    half = tmp_path / "half.inr"  # float16 first/last layers and biases stay float16 on the device
+    write_inr(half, arch, 37, prune=0.2, chunk_images=8, float_dtype="float16")
+    for layout in ("dense", "compact"):
+        gpu, cpu = TensorBank.from_file(half, "cuda", layout=layout), TensorBank.from_file(half, "cpu", layout=layout)
+        assert gpu.float_dtype == "float16"
+        for name in gpu._fields():
+            assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), (layout, name)
+        idx = torch.arange(37, device="cuda")
+        assert (decode(gpu, idx, 24) - decode(cpu, idx.cpu(), 24).cuda()).abs().max().item() <= 2e-3

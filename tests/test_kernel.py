@@ -106,6 +106,21 @@ def test_interpreted_kernel_matches_torch(interpret, sine_layers, width, hidden_
     assert (unsplit - decode_torch(bank, idx, size, theta)).abs().max().item() <= 1e-5
 
 
+def test_float16_first_last_layers_and_biases(interpret):
+    # A bank of a --float-dtype float16 file: the kernel upcasts those loads; same pixels as float32 copies.
+    bank = guarded_bank(3, 40, 4, "int8")
+    fields = {name: getattr(bank, name) for name in ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b",
+                                                     "last_w", "last_b")}
+    half = {k: (v.half() if k in ("first_w", "first_b", "hidden_b", "last_w", "last_b") else v)
+            for k, v in fields.items()}
+    bank16 = TensorBank(bank.arch, **half)
+    bank32 = TensorBank(bank.arch, **{k: (v.float() if v.dtype == torch.float16 else v) for k, v in half.items()})
+    idx, theta = [3, 0], random_theta(2, seed=2)
+    got = decode_triton(bank16, idx, (6, 10), theta, fp16_dot=False)
+    assert torch.equal(got, decode_triton(bank32, idx, (6, 10), theta, fp16_dot=False))
+    assert (got - decode_torch(bank16, idx, (6, 10), theta)).abs().max().item() <= 1e-5
+
+
 def test_range_reduced_sine_path_matches(interpret):
     # The reduction used before sin.approx on GPU, checked here with tl.sin; theta zooms out so |args| grow.
     bank = guarded_bank(4, 28, 3, "int8")
@@ -204,8 +219,10 @@ def _ptxas_available() -> bool:
     (80, 15, 0, "float32", "float32", True),  # no hidden layers
 ])
 def test_kernel_compiles_for_gpu_without_one(capability, width, hidden, hidden_dtype, out_dtype, fast_sin):
+    # float16 first/last layers and biases (a --float-dtype float16 file) with the float16 hidden-weight case.
     compiled = compile_for_target(width, hidden, capability=capability, hidden_dtype=hidden_dtype,
-                                  out_dtype=out_dtype, fast_sin=fast_sin, split_width=capability == 90)
+                                  out_dtype=out_dtype, fast_sin=fast_sin, split_width=capability == 90,
+                                  float_dtype="float16" if hidden_dtype == "float16" else "float32")
     ptx = compiled.asm["ptx"]
     assert compiled.asm["cubin"]
     assert ("sin.approx.f32" in ptx) == fast_sin

@@ -8,6 +8,9 @@ One program per (image, tile of BLOCK_P output pixels), on a 1-D grid. A program
      fp16, so dequantization and w0 cost nothing and add no rounding,
   3. applies the linear output layer (padded to 16 outputs for tl.dot), 0.5*o + 0.5, clamps, and stores into
      out [B,3,h,w] through its strides (so NCHW and channels_last both work) in out's dtype.
+First/last layers and biases are upcast to fp32 as they are loaded (a bank of a --float-dtype float16 file
+holds them in fp16). A compact bank's batch is first expanded by `expand_hidden` (one program per image:
+bitmap bits -> prefix count -> gather of the kept values) and read by batch position (HIDDEN_BY_BATCH).
 
 Width: tl.dot needs power-of-two dims >= 16, so the W units are held as one block of the next power of two
 or, when narrower, two blocks (width 40 -> 32 + 16 instead of 64; see width_blocks). Every weight load is
@@ -105,16 +108,16 @@ def _siren_decode_kernel(
         wimg = img
 
     # -- first sine layer: z = first_w0 * (W c + b) ------------------------------------------------
-    za = (x[:, None] * (tl.load(fw + ka * 2, mask=ka_mask, other=0.0) * first_w0)[None, :]
-          + y[:, None] * (tl.load(fw + ka * 2 + 1, mask=ka_mask, other=0.0) * first_w0)[None, :]
-          + (tl.load(fb + ka, mask=ka_mask, other=0.0) * first_w0)[None, :])
+    za = (x[:, None] * (tl.load(fw + ka * 2, mask=ka_mask, other=0.0).to(tl.float32) * first_w0)[None, :]
+          + y[:, None] * (tl.load(fw + ka * 2 + 1, mask=ka_mask, other=0.0).to(tl.float32) * first_w0)[None, :]
+          + (tl.load(fb + ka, mask=ka_mask, other=0.0).to(tl.float32) * first_w0)[None, :])
     act_a = SINE(za, FAST_SIN, RANGE_REDUCE)
     if WB > 0:
         kb = WA + tl.arange(0, WB)
         kb_mask = kb < WIDTH
-        zb = (x[:, None] * (tl.load(fw + kb * 2, mask=kb_mask, other=0.0) * first_w0)[None, :]
-              + y[:, None] * (tl.load(fw + kb * 2 + 1, mask=kb_mask, other=0.0) * first_w0)[None, :]
-              + (tl.load(fb + kb, mask=kb_mask, other=0.0) * first_w0)[None, :])
+        zb = (x[:, None] * (tl.load(fw + kb * 2, mask=kb_mask, other=0.0).to(tl.float32) * first_w0)[None, :]
+              + y[:, None] * (tl.load(fw + kb * 2 + 1, mask=kb_mask, other=0.0).to(tl.float32) * first_w0)[None, :]
+              + (tl.load(fb + kb, mask=kb_mask, other=0.0).to(tl.float32) * first_w0)[None, :])
         act_b = SINE(zb, FAST_SIN, RANGE_REDUCE)
 
     # -- hidden sine layers: z = (scale*w0) * (q @ act) + w0 * b ------------------------------------
@@ -153,29 +156,30 @@ def _siren_decode_kernel(
                 acc_a = tl.dot(act_b, tl.trans(q_ab.to(tl.float32)), acc_a, input_precision="ieee")
                 acc_b = tl.dot(act_a, tl.trans(q_ba.to(tl.float32)), input_precision="ieee")
                 acc_b = tl.dot(act_b, tl.trans(q_bb.to(tl.float32)), acc_b, input_precision="ieee")
-        za = acc_a * scale + (tl.load(hbase + ka, mask=ka_mask, other=0.0) * w0)[None, :]
+        za = acc_a * scale + (tl.load(hbase + ka, mask=ka_mask, other=0.0).to(tl.float32) * w0)[None, :]
         act_a = SINE(za, FAST_SIN, RANGE_REDUCE)
         if WB > 0:
-            zb = acc_b * scale + (tl.load(hbase + kb, mask=kb_mask, other=0.0) * w0)[None, :]
+            zb = acc_b * scale + (tl.load(hbase + kb, mask=kb_mask, other=0.0).to(tl.float32) * w0)[None, :]
             act_b = SINE(zb, FAST_SIN, RANGE_REDUCE)
 
     # -- linear output layer, 3 channels padded to OUT_PAD -----------------------------------------
     c = tl.arange(0, OUT_PAD)
     cmask = c < 3
     lbase = last_w_ptr + img * (3 * WIDTH)
-    lw_a = tl.load(lbase + c[:, None] * WIDTH + ka[None, :], mask=cmask[:, None] & ka_mask[None, :], other=0.0)
+    lw_a = tl.load(lbase + c[:, None] * WIDTH + ka[None, :], mask=cmask[:, None] & ka_mask[None, :],
+                   other=0.0).to(tl.float32)
     if FP16_DOT:
         o = tl.dot(act_a.to(tl.float16), tl.trans(lw_a.to(tl.float16)))
     else:
         o = tl.dot(act_a, tl.trans(lw_a), input_precision="ieee")
     if WB > 0:
         lw_b = tl.load(lbase + c[:, None] * WIDTH + kb[None, :], mask=cmask[:, None] & kb_mask[None, :],
-                       other=0.0)
+                       other=0.0).to(tl.float32)
         if FP16_DOT:
             o = tl.dot(act_b.to(tl.float16), tl.trans(lw_b.to(tl.float16)), o)
         else:
             o = tl.dot(act_b, tl.trans(lw_b), o, input_precision="ieee")
-    lb = tl.load(last_b_ptr + img * 3 + c, mask=cmask, other=0.0)
+    lb = tl.load(last_b_ptr + img * 3 + c, mask=cmask, other=0.0).to(tl.float32)
     pix = tl.minimum(tl.maximum((o + lb[None, :]) * 0.5 + 0.5, 0.0), 1.0)
     pix = tl.where(valid, pix, invalid_value)  # NaN (a runtime argument: no float("nan") in triton code)
 
@@ -372,7 +376,7 @@ _TRITON_TYPES = {"int8": "i8", "float16": "fp16", "float32": "fp32", "bfloat16":
 
 def compile_for_target(width, hidden_layers, *, capability=90, hidden_dtype="int8", out_dtype="float32",
                        block_pixels=None, num_warps=None, has_theta=True, fast_sin=True, range_reduce=None,
-                       fp16_dot=True, split_width=True, hidden_by_batch=False):
+                       fp16_dot=True, split_width=True, hidden_by_batch=False, float_dtype="float32"):
     """Compile the kernel ahead of time for an NVIDIA GPU of `capability` (e.g. 80, 90) without needing one.
 
     Returns triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata). Used by the tests to check on
@@ -384,9 +388,10 @@ def compile_for_target(width, hidden_layers, *, capability=90, hidden_dtype="int
     default_pixels, default_warps = default_config(width, split_width)
     meta = _constexprs(width, hidden_layers, block_pixels or default_pixels, has_theta, fast_sin,
                        fast_sin if range_reduce is None else range_reduce, fp16_dot, split_width, hidden_by_batch)
+    fptr = "*" + _TRITON_TYPES[float_dtype]
     signature = {"idx_ptr": "*i64", "theta_ptr": "*fp32", "out_ptr": "*" + _TRITON_TYPES[out_dtype],
-                 "first_w_ptr": "*fp32", "first_b_ptr": "*fp32", "hidden_w_ptr": "*" + _TRITON_TYPES[hidden_dtype],
-                 "hidden_scale_ptr": "*fp32", "hidden_b_ptr": "*fp32", "last_w_ptr": "*fp32", "last_b_ptr": "*fp32",
+                 "first_w_ptr": fptr, "first_b_ptr": fptr, "hidden_w_ptr": "*" + _TRITON_TYPES[hidden_dtype],
+                 "hidden_scale_ptr": "*fp32", "hidden_b_ptr": fptr, "last_w_ptr": fptr, "last_b_ptr": fptr,
                  "num_images": "i32", "out_h": "i32", "out_w": "i32", "tiles_per_image": "i32",
                  "stride_ob": "i32", "stride_oc": "i32", "stride_oh": "i32", "stride_ow": "i32",
                  "first_w0": "fp32", "w0": "fp32", "invalid_value": "fp32"}
