@@ -308,3 +308,37 @@ def test_accuracy_reads_a_cifar10_folder(tmp_path):
     assert acc["train_images"] == int((~test_rows).sum()) and acc["test_images"] == int(test_rows.sum())
     assert acc["image_size"] == [32, 32] and acc["num_classes"] == 4 and acc["dataset"] == "cifar10"
     assert 0.0 <= acc["inr"]["test_accuracy"] <= 1.0 and acc["inr_file"]["bytes_per_image"] > 0
+
+
+# ------------------------------------------------------------------------------------ gpu_check.sh
+def test_gpu_check_script_runs_its_stages_and_writes_outputs(tmp_path):
+    # The one-call GPU script, as a smoke run on this machine: quick sizes, CPU where there is no CUDA.
+    # It must run each stage, log each exit code, write its JSON under $OUT and exit 0 when all pass.
+    out = tmp_path / "out"
+    env = dict(ENV, OUT=str(out), PYTHON=sys.executable, GPU_CHECK_STAGES="pytest decode encode",
+               GPU_CHECK_QUICK="1")
+    proc = subprocess.run(["bash", str(TOOLS / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=400)
+    log = (out / "gpu_check.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    for stage in ("pytest_gpu", "bench_decode", "bench_encode"):
+        assert f"== {stage}: exit 0" in log, log[-3000:]
+    assert "gpu_check finished with status 0" in log
+    assert "torch" in (out / "env.txt").read_text()
+    assert (out / "pytest_gpu.xml").exists()
+    decode = json.loads((out / "bench_decode.json").read_text())
+    configs = {(r["arch"], r["backend"], r["config"]) for r in decode["decode"]}
+    assert ("10x40", "torch", "default") in configs and ("10x40", "torch", "compact") in configs
+    assert all(r["img_per_s"] > 0 and r["max_abs_err_vs_torch"] <= 2e-3 for r in decode["decode"])
+    layouts = {(r["arch"], r["path"]): r for r in decode["load"]}
+    assert layouts[("10x40", "default")]["layout"] == "compact"
+    assert layouts[("10x40", "default")]["bank_over_file_bytes"] <= 1.1 < layouts[("10x40", "dense")][
+        "bank_over_file_bytes"]
+    encode = [json.loads(line) for line in (out / "bench_encode.jsonl").read_text().splitlines()]
+    assert encode and encode[0]["img_steps_per_s"] > 0
+    # A failing stage is logged and turns the exit status to 1 without stopping the others.
+    env["GPU_CHECK_STAGES"] = "nonsense decode"
+    proc = subprocess.run(["bash", str(TOOLS / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=400)
+    log = (out / "gpu_check.log").read_text()
+    assert proc.returncode == 1 and "unknown stage nonsense" in log and log.count("== bench_decode: exit 0") == 2

@@ -14,12 +14,15 @@
 # 140 + 90 + 190 s at most) so the
 # whole run fits one 10-minute device call. Python: $PYTHON or python3. Wheels of missing packages (e.g.
 # zstandard, which format.py needs) may be carried in .whl/ and are installed into /tmp/site first.
+# GPU_CHECK_QUICK=1: tiny sizes for the decode and encode stages (a smoke run of this script; on a machine
+# without CUDA it runs them on the CPU - tests/test_tools.py does that with the pytest and decode stages).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
 STAGES="${GPU_CHECK_STAGES:-pytest decode encode train}"
+QUICK="${GPU_CHECK_QUICK:-0}"
 LOG="$OUT_DIR/gpu_check.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 status=0
@@ -79,11 +82,20 @@ for stage in $STAGES; do
             --junitxml="$OUT_DIR/pytest_gpu.xml" tests
         ;;
     decode)
-        run bench_decode 140 "$PY" tools/bench_decode.py --seconds 0.3 --load-images 10000 --out "$OUT_DIR/bench_decode.json"
+        if [ "$QUICK" = 1 ]; then
+            run bench_decode 140 "$PY" tools/bench_decode.py --quick --out "$OUT_DIR/bench_decode.json"
+        else
+            run bench_decode 140 "$PY" tools/bench_decode.py --seconds 0.3 --load-images 10000 \
+                --out "$OUT_DIR/bench_decode.json"
+        fi
         ;;
     encode)
         if [ -f tools/bench_encode.py ]; then
-            run bench_encode 90 bash -c "\"$PY\" tools/bench_encode.py --device cuda --gpu > \"$OUT_DIR/bench_encode.jsonl\""
+            if [ "$QUICK" = 1 ]; then
+                run bench_encode 90 bash -c "\"$PY\" tools/bench_encode.py --config 3x15@8:4:3 > \"$OUT_DIR/bench_encode.jsonl\""
+            else
+                run bench_encode 90 bash -c "\"$PY\" tools/bench_encode.py --device cuda --gpu > \"$OUT_DIR/bench_encode.jsonl\""
+            fi
         else
             log "== bench_encode: tools/bench_encode.py not present, skipped"
         fi
