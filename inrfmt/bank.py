@@ -520,8 +520,9 @@ class TensorBank:
 
 
 def _resolve_device(device) -> torch.device:
+    """A torch.device with its index filled in for CUDA (so it equals the bank tensors' device)."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:

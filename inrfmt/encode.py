@@ -146,19 +146,29 @@ def prepare_batch(images: list[np.ndarray], device) -> FitBatch:
                     torch.tensor([wmax, hmax], dtype=torch.float32, device=device))
 
 
+def jitter_offsets(n: int, p: int, jitter: float, generator: torch.Generator | None, device,
+                   dtype=torch.float32) -> torch.Tensor:
+    """[N,P,2] offsets in pixel cells: a random `jitter` fraction uniform in [-0.5, 0.5)^2, the rest 0."""
+    u = torch.rand(n, p, 2, generator=generator, device=device, dtype=dtype).sub_(0.5)
+    if jitter < 1.0:
+        u *= torch.rand(n, p, 1, generator=generator, device=device, dtype=dtype) < jitter
+    return u
+
+
+def offset_coords(coords: torch.Tensor, extent: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """coords [P,2] or [N,P,2] moved by offsets [N,P,2] given in pixel cells of each image (extent [N,2])."""
+    cell = 2.0 / extent  # [N, 2]: one pixel cell is 2/w along x, 2/h along y
+    return coords + offsets * cell[:, None, :]
+
+
 def jitter_coords(coords: torch.Tensor, extent: torch.Tensor, jitter: float,
                   generator: torch.Generator | None) -> torch.Tensor:
     """Move a random `jitter` fraction of the coordinates to a uniformly random point of their pixel
     cell; the rest stay at the pixel centre. coords [P,2] (shared) or [N,P,2] of pixel centres, extent
     [N,2] (width, height) -> [N,P,2]. jitter 1 moves every sample, so pixel centres drawn uniformly
     become points drawn uniformly over the continuous image."""
-    n = extent.shape[0]
-    p = coords.shape[-2]
-    u = torch.rand(n, p, 2, generator=generator, device=coords.device, dtype=coords.dtype).sub_(0.5)
-    if jitter < 1.0:
-        u *= torch.rand(n, p, 1, generator=generator, device=coords.device, dtype=coords.dtype) < jitter
-    cell = 2.0 / extent  # [N, 2]: one pixel cell is 2/w along x, 2/h along y
-    return coords + u * cell[:, None, :]
+    offsets = jitter_offsets(extent.shape[0], coords.shape[-2], jitter, generator, coords.device, coords.dtype)
+    return offset_coords(coords, extent, offsets)
 
 
 def continuous_targets(batch: FitBatch, coords: torch.Tensor) -> torch.Tensor:
@@ -211,31 +221,42 @@ def train_forward(params: siren.SirenParams, coords: torch.Tensor, arch: Archite
     return torch.baddbmm(params.last_b.unsqueeze(1), x, params.last_w.transpose(1, 2))
 
 
-def _per_image_loss(params: siren.SirenParams, batch: FitBatch, arch: Architecture, sample_count: int,
-                    generator: torch.Generator | None, jitter: float = 0.0) -> torch.Tensor:
-    """[N] per-image MSE in model space, on all pixels or on `sample_count` sampled pixels per image.
-    jitter > 0: that fraction of the samples moves to a uniformly random point of its pixel cell, with
-    the bilinearly interpolated image there as target (fits the continuous image, not only the pixel
-    centres; the other samples keep the centres pinned)."""
-    if sample_count <= 0:
+def draw_samples(batch: FitBatch, sample_count: int, jitter: float, generator: torch.Generator | None):
+    """The random numbers of one loss evaluation, drawn eagerly so the loss itself stays one graph under
+    torch.compile: (pick [N, sample_count] uniform in [0,1) choosing the sampled pixels, or None for every
+    pixel; offsets [N,P,2] jitter offsets in pixel cells (see jitter_offsets), or None without jitter)."""
+    device = batch.targets.device
+    pick = torch.rand(batch.n, sample_count, generator=generator, device=device) if sample_count > 0 else None
+    offsets = None
+    if jitter > 0:
+        p = sample_count if sample_count > 0 else batch.coords.shape[-2]
+        offsets = jitter_offsets(batch.n, p, jitter, generator, device, batch.coords.dtype)
+    return pick, offsets
+
+
+def _per_image_loss(params: siren.SirenParams, batch: FitBatch, arch: Architecture, pick: torch.Tensor | None,
+                    offsets: torch.Tensor | None) -> torch.Tensor:
+    """[N] per-image MSE in model space, on all pixels (pick None) or on the pixels `pick` chooses (see
+    draw_samples). offsets: move the samples that far within their pixel cells, with the bilinearly
+    interpolated image there as target (fits the continuous image, not only the pixel centres; samples
+    with a zero offset keep the centres pinned)."""
+    if pick is None:
         coords, targets = batch.coords, batch.targets
-        if jitter > 0:
-            coords = jitter_coords(coords, batch.extent, jitter, generator)
+        if offsets is not None:
+            coords = offset_coords(coords, batch.extent, offsets)
             targets = continuous_targets(batch, coords)
         out = train_forward(params, coords, arch)
         err = (out - targets).pow(2)
         if batch.uniform:
             return err.mean(dim=(1, 2))
         return (err.sum(dim=2) * batch.weights).sum(dim=1) / 3.0
-    n = batch.n
-    u = torch.rand(n, sample_count, generator=generator, device=batch.targets.device)
-    idx = (u * batch.counts[:, None]).long().clamp_max_(batch.counts[:, None] - 1)
+    idx = (pick * batch.counts[:, None]).long().clamp_max_(batch.counts[:, None] - 1)
     if batch.uniform:
         coords = batch.coords[idx]  # [N, P, 2]
     else:
         coords = torch.gather(batch.coords, 1, idx[..., None].expand(-1, -1, 2))
-    if jitter > 0:
-        coords = jitter_coords(coords, batch.extent, jitter, generator)
+    if offsets is not None:
+        coords = offset_coords(coords, batch.extent, offsets)
         targets = continuous_targets(batch, coords)
     else:
         targets = torch.gather(batch.targets, 1, idx[..., None].expand(-1, -1, 3))
@@ -268,7 +289,8 @@ def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, 
         for group in opt.param_groups:
             group["lr"] = group_lr
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(params, batch, arch, sample_count, generator, jitter).sum()
+        pick, offsets = draw_samples(batch, sample_count, jitter, generator)
+        loss = loss_fn(params, batch, arch, pick, offsets).sum()
         loss.backward()
         if keep_f is not None:
             params.hidden_w.grad.mul_(keep_f)
@@ -393,7 +415,13 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
         final = siren.SirenParams(stored(params.first_w), stored(params.first_b),
                                   dequantize_hidden(q, scale), stored(params.hidden_b),
                                   stored(params.last_w), stored(params.last_b))
-        psnr = psnr_against(final, originals if originals is not None else images, arch)
+        # The recorded PSNR is the stored model's at full fp32 precision, whatever TF32 setting fitted it.
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            psnr = psnr_against(final, originals if originals is not None else images, arch)
+        finally:
+            torch.set_float32_matmul_precision(precision)
     del batch
     ratio = mask_ratio(keep, n) if keep is not None else torch.zeros(n)
 

@@ -11,3 +11,16 @@ if _ROOT not in sys.path:
 
 # Triton 3.9 warns once that its FP-fusion default will change; pin today's default (what the GPU script uses).
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_silent_triton_fallback(request):
+    """On CUDA, decode() falls back to the torch path for good when the triton kernel fails (with a warning).
+    A GPU test must not pass that way: it would compare torch with torch. Fail the test that triggered it."""
+    yield
+    if request.node.get_closest_marker("gpu") is not None:
+        from inrfmt import decode
+
+        assert decode._auto_triton_failed is None, f"the triton decoder fell back to torch: {decode._auto_triton_failed}"

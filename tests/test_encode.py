@@ -201,6 +201,7 @@ def test_convert_psnr_reproduced_by_independent_decode(tmp_path, quant, prune, m
         assert np.all(index["prune_ratio"] == 0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_convert_matches_cpu_decode_and_is_deterministic(tmp_path):
     src = tmp_path / "src" / "cls"

@@ -159,23 +159,24 @@ def test_usage_errors(interpret, monkeypatch):
         decode_triton(bank, [0], 4)
 
 
-def guarded_compact_bank(sine_layers, width, n, hidden_dtype, prune, seed=0):
-    """A compact bank (prune of the hidden weights zeroed) whose values/masks/offsets are followed by poison."""
+def guarded_compact_bank(sine_layers, width, n, hidden_dtype, prune, seed=0, device="cpu"):
+    """A compact bank (prune of the hidden weights zeroed) whose values/masks/offsets are followed by poison,
+    on `device`, and the same weights as a dense bank."""
     arch = Architecture(sine_layers=sine_layers, width=width)
     params = siren.init_params(arch, n, generator=torch.Generator().manual_seed(seed))
     keep = torch.rand(params.hidden_w.shape, generator=torch.Generator().manual_seed(seed + 1)) >= prune
     dense = TensorBank.from_params(params._replace(hidden_w=params.hidden_w * keep), arch, hidden_dtype=hidden_dtype)
     compact = dense.to_layout("compact")
-    guarded = {name: getattr(compact, name) for name in ("labels", "heights", "widths")}
+    guarded = {name: getattr(compact, name).to(device) for name in ("labels", "heights", "widths")}
     for name in compact._fields():
         if name in guarded:
             continue
         t = getattr(compact, name)
         poison = {torch.int8: 127, torch.uint8: 255, torch.int64: 2 ** 40}.get(t.dtype, float("nan"))
-        buf = torch.full((t.numel() + 4096,), poison, dtype=t.dtype)
-        buf[:t.numel()] = t.reshape(-1)
+        buf = torch.full((t.numel() + 4096,), poison, dtype=t.dtype, device=device)
+        buf[:t.numel()] = t.reshape(-1).to(device)
         guarded[name] = buf[:t.numel()].view(t.shape)
-    return dense, TensorBank(arch, **guarded)
+    return dense.to(device), TensorBank(arch, **guarded)
 
 
 @pytest.mark.parametrize("sine_layers,width,hidden_dtype,prune", [
@@ -295,8 +296,7 @@ def test_cuda_width_64_padding_last_image_and_invalid_index():
 @pytest.mark.gpu
 @pytest.mark.parametrize("sine_layers,width,prune", [(10, 40, 0.255), (10, 28, 0.156), (3, 15, 0.5)])
 def test_cuda_compact_bank_matches_dense(sine_layers, width, prune):
-    dense, compact = guarded_compact_bank(sine_layers, width, 300, "int8", prune)
-    dense, compact = dense.to("cuda"), compact.to("cuda")
+    dense, compact = guarded_compact_bank(sine_layers, width, 300, "int8", prune, device="cuda")
     idx = torch.randint(0, 300, (96,), device="cuda")
     assert torch.equal(expand_hidden(compact, idx), dense.hidden_w[idx])
     theta = random_theta(96, seed=5).cuda()

@@ -117,7 +117,22 @@ def command_text(experiment: str, argv: list[str]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- run
-def run_plan(name: str, results: Path, only, timeout: float | None, dali_site: str | None = None) -> dict:
+def collect(bundle: dict, results: Path, only) -> dict:
+    """Add the JSON the experiments in `only` have written so far under `results` to `bundle`."""
+    if (results / "rd.json").exists() and "rd" in only:
+        bundle["rd"] = read_json(results / "rd.json")
+    if (results / "accuracy.json").exists() and "accuracy" in only:
+        bundle["accuracy"] = read_json(results / "accuracy.json")
+    train_jsonl = results / "train.jsonl"
+    if train_jsonl.exists() and "train" in only:
+        bundle["train"] = [json.loads(line) for line in train_jsonl.read_text().splitlines() if line.strip()]
+    return bundle
+
+
+def run_plan(name: str, results: Path, only, timeout: float | None, dali_site: str | None = None,
+             checkpoint=None) -> dict:
+    """Run the plan's commands for the experiments in `only`; `checkpoint(bundle)`, if given, is called after
+    every command with the results so far (so a run stopped from outside still leaves its bundle)."""
     steps = plan(name, results)
     results.mkdir(parents=True, exist_ok=True)
     train_jsonl = results / "train.jsonl"
@@ -148,14 +163,11 @@ def run_plan(name: str, results: Path, only, timeout: float | None, dali_site: s
             if rc != 0:
                 bundle["failures"].append({"command": text, "exit": rc})
                 print(f"bench_all: FAILED ({rc}): {text}", file=sys.stderr)
+            bundle["seconds"][experiment] = time.perf_counter() - t0
+            if checkpoint is not None:
+                checkpoint(collect(bundle, results, only))
         bundle["seconds"][experiment] = time.perf_counter() - t0
-    if (results / "rd.json").exists() and "rd" in only:
-        bundle["rd"] = read_json(results / "rd.json")
-    if (results / "accuracy.json").exists() and "accuracy" in only:
-        bundle["accuracy"] = read_json(results / "accuracy.json")
-    if train_jsonl.exists() and "train" in only:
-        bundle["train"] = [json.loads(line) for line in train_jsonl.read_text().splitlines() if line.strip()]
-    return bundle
+    return collect(bundle, results, only)
 
 
 # ----------------------------------------------------------------------------------------------- render
@@ -430,16 +442,20 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.dali_site and not Path(args.dali_site, "nvidia", "dali").is_dir():
         raise ToolError(f"--dali-site {args.dali_site}: no nvidia/dali package in it")
-    bundle = run_plan(name, results, args.only, args.timeout, args.dali_site)
-    bundle["seconds"]["total"] = time.perf_counter() - t0
     previous = results / "bench_all.json"
-    if previous.exists() and set(args.only) != set(EXPERIMENTS):
-        old = read_json(previous)  # keep the experiments this run did not redo
+    # Keep the experiments this run does not redo.
+    old = read_json(previous) if previous.exists() and set(args.only) != set(EXPERIMENTS) else {}
+
+    def save(bundle):
         for key in EXPERIMENTS:
             if key not in args.only and key in old:
                 bundle[key] = old[key]
                 bundle["commands"][key] = old.get("commands", {}).get(key, [])
-    write_json(previous, bundle)
+        bundle["seconds"]["total"] = time.perf_counter() - t0
+        write_json(previous, bundle)
+
+    bundle = run_plan(name, results, args.only, args.timeout, args.dali_site, checkpoint=save)
+    save(bundle)
     tags = render(bundle, results, md)
     print(f"bench_all: {len(bundle['failures'])} failure(s); results in {results}; "
           f"rewrote {', '.join(tags) or 'no tables'} in {md or '(no markdown)'} "

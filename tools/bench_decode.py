@@ -223,9 +223,17 @@ def main(argv=None):
         result["cuda"] = torch.version.cuda
         result["capability"] = list(torch.cuda.get_device_capability(device))
     print(f"bench_decode on {result['device']}", file=sys.stderr)
+    def save():  # after every case, so a run stopped from outside keeps what it measured
+        if args.out:
+            tmp = args.out + ".tmp"
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, args.out)
+
     if args.only != "load":
-        result["decode"] = decode_cases(device, QUICK_CASES if quick else FULL_CASES, min_seconds,
-                                        sweep=not args.no_sweep)
+        for case in QUICK_CASES if quick else FULL_CASES:
+            result["decode"].extend(decode_cases(device, [case], min_seconds, sweep=not args.no_sweep))
+            save()
     n_load = args.load_images or (300 if quick else 20000)
     with tempfile.TemporaryDirectory(prefix="inrfmt-bench-") as workdir:
         if args.only == "decode":
@@ -237,12 +245,11 @@ def main(argv=None):
             cases = [(10, 28, 0.2), (10, 40, 0.255)]
         for sine_layers, width, prune in cases:
             result["load"].extend(load_case(device, sine_layers, width, n_load, prune, workdir))
-    text = json.dumps(result, indent=2)
+            save()
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+        save()
     else:
-        print(text)
+        print(json.dumps(result, indent=2))
     return result
 
 

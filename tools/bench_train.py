@@ -128,13 +128,31 @@ def nvjpeg_batches(jpeg_paths, jpeg_labels, args, device):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     cpu_gen = torch.Generator().manual_seed(args.seed)
     pad, n = args.size // 8, len(blobs)
+    # torchvision's CUDA decode allocates its outputs on the current stream but writes them from its own
+    # stream without waiting (pytorch/vision PR #9606): on the training stream it can be handed, and
+    # overwrite, memory the queued training step still reads. Decoding on a side stream keeps its
+    # allocations apart; record_stream keeps them from being reused while the training stream uses them.
+    side = torch.cuda.Stream(device=device)
+    main = torch.cuda.current_stream(device)
+
+    def decode(idx):
+        with torch.cuda.stream(side):
+            images = torchvision.io.decode_jpeg([blobs[i] for i in idx], mode=torchvision.io.ImageReadMode.RGB,
+                                                device=device)
+        main.wait_stream(side)
+        for image in images:
+            image.record_stream(main)
+        return images
+
+    try:
+        decode([0])  # nvJPEG initialisation fails here on a GPU it does not support: report, don't crash
+    except RuntimeError as exc:
+        raise Unavailable(f"nvjpeg: torchvision.io.decode_jpeg on {device} failed ({exc})") from None
     while True:
         perm = torch.randperm(n, generator=cpu_gen).tolist()
         for start in range(0, n - args.batch_size + 1, args.batch_size):
             idx = perm[start:start + args.batch_size]
-            images = torchvision.io.decode_jpeg([blobs[i] for i in idx], mode=torchvision.io.ImageReadMode.RGB,
-                                                device=device)
-            yield random_crop_flip(torch.stack(images), pad, gen), labels[idx]
+            yield random_crop_flip(torch.stack(decode(idx)), pad, gen), labels[idx]
 
 
 def dali_batches(jpeg_paths, jpeg_labels, args, device):
@@ -338,7 +356,11 @@ def run(args) -> dict:
     if not args.data_only:
         model.train()
     batch = first
-    for _ in range(args.warmup):
+    # The torch DataLoader's workers hold workers x prefetch_factor (4) batches ready: use those up before
+    # timing, or the timed windows measure that stock instead of what the workers sustain.
+    warmup = args.warmup + (args.workers * 4 if args.pipeline == "torch" else 0)
+    result["warmup"] = warmup
+    for _ in range(warmup):
         work(*batch)
         batch = next(batches)
     # --repeats timing windows of --steps steps each; the best window is reported (as timeit does), since

@@ -11,8 +11,9 @@
 #   bench_encode.jsonl   tools/bench_encode.py --gpu (when the script exists)
 #   bench_all/           tools/bench_all.py --gpu --only train: train.jsonl, train.png, bench_all.json
 # Stages: GPU_CHECK_STAGES="pytest decode encode train" (default all); each stage has its own timeout (150 +
-# 140 + 90 + 190 s at most) so the
-# whole run fits one 10-minute device call. Python: $PYTHON or python3. Wheels of missing packages (e.g.
+# 130 + 70 + 190 = 540 s at most, plus up to 10 s each to kill a stage) so the whole run fits one 10-minute
+# device call (timeout_s=600); the benchmarks write their JSON as they go, so a stage stopped at its limit
+# keeps what it measured. Python: $PYTHON or python3. Wheels of missing packages (e.g.
 # zstandard, which format.py needs) may be carried in .whl/ and are installed into /tmp/site first.
 # GPU_CHECK_QUICK=1: tiny sizes for the decode and encode stages (a smoke run of this script; on a machine
 # without CUDA it runs them on the CPU - tests/test_tools.py does that with the pytest and decode stages).
@@ -83,18 +84,18 @@ for stage in $STAGES; do
         ;;
     decode)
         if [ "$QUICK" = 1 ]; then
-            run bench_decode 140 "$PY" tools/bench_decode.py --quick --out "$OUT_DIR/bench_decode.json"
+            run bench_decode 130 "$PY" tools/bench_decode.py --quick --out "$OUT_DIR/bench_decode.json"
         else
-            run bench_decode 140 "$PY" tools/bench_decode.py --seconds 0.3 --load-images 10000 \
+            run bench_decode 130 "$PY" tools/bench_decode.py --seconds 0.3 --load-images 10000 \
                 --out "$OUT_DIR/bench_decode.json"
         fi
         ;;
     encode)
         if [ -f tools/bench_encode.py ]; then
             if [ "$QUICK" = 1 ]; then
-                run bench_encode 90 bash -c "\"$PY\" tools/bench_encode.py --config 3x15@8:4:3 > \"$OUT_DIR/bench_encode.jsonl\""
+                run bench_encode 70 bash -c "\"$PY\" tools/bench_encode.py --config 3x15@8:4:3 > \"$OUT_DIR/bench_encode.jsonl\""
             else
-                run bench_encode 90 bash -c "\"$PY\" tools/bench_encode.py --device cuda --gpu > \"$OUT_DIR/bench_encode.jsonl\""
+                run bench_encode 70 bash -c "\"$PY\" tools/bench_encode.py --device cuda --gpu > \"$OUT_DIR/bench_encode.jsonl\""
             fi
         else
             log "== bench_encode: tools/bench_encode.py not present, skipped"
