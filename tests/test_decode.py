@@ -158,10 +158,11 @@ def test_benchmark_reports_throughput_on_cpu(monkeypatch):
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_cuda_decode_with_out_allocates_nothing_per_call(backend):
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_cuda_decode_with_out_allocates_nothing_per_call(backend, layout):
     if backend == "triton":
         pytest.importorskip("triton")
-    bank = make_bank(10, 28, n=64, device="cuda")
+    bank = make_bank(10, 28, n=64, device="cuda").to_layout(layout)
     idx = torch.randint(0, 64, (32,), device="cuda")
     out = torch.empty(32, 3, 64, 64, device="cuda")
     decode(bank, idx, 64, backend=backend, out=out)
@@ -172,7 +173,7 @@ def test_cuda_decode_with_out_allocates_nothing_per_call(backend):
         decode(bank, idx, 64, backend=backend, out=out)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
-    # Temporaries: gathered weights and (torch path) bounded activation chunks only.
+    # Temporaries: gathered (compact: expanded) weights and (torch path) bounded activation chunks only.
     limit = 4 * bank.nbytes + (0 if backend == "triton" else 16 * decode_mod._TORCH_CHUNK_ELEMENTS)
     assert torch.cuda.max_memory_allocated() - before <= limit + math.prod(out.shape) * 4
 
