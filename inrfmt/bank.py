@@ -2,7 +2,8 @@
 
 The bank keeps hidden-layer weights in the file's storage dtype (int8 with per-image per-layer scales, or
 float16/float32), and the first/last layers and biases in the file's float dtype (float32, or float16 for
-files written with --float-dtype float16): dequantization and upcasting happen inside the decoders. Hidden weights are held in one of two layouts:
+files written with --float-dtype float16): dequantization and upcasting happen inside the decoders.
+Hidden weights are held in one of two layouts:
 
   dense    [N,H,W,W], pruned weights stored as zeros. The decoders read it directly (fastest).
   compact  the file's own representation: the kept values of all images back to back ([total_nnz]), the
@@ -41,7 +42,7 @@ HIDDEN_DTYPES = {
 _WEIGHT_FIELDS = ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b")
 _COMPACT_FIELDS = ("hidden_values", "hidden_masks", "hidden_offsets")
 _META_FIELDS = ("labels", "heights", "widths")
-_FLOAT_FIELDS = ("first_w", "first_b", "hidden_b", "last_w", "last_b")  # one dtype: FLOAT_DTYPES
+# dtypes of the first/last layers and biases (all five share one)
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 LAYOUTS = ("auto", "dense", "compact")
 # layout="auto" keeps the bank within this factor of the file's bytes when the compact layout can.
