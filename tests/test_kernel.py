@@ -241,6 +241,57 @@ def test_kernel_compiles_for_gpu_without_one(capability, width, hidden, hidden_d
         assert "LOCAL:0" in usage, usage  # no register spills to local memory
 
 
+class _Sm90Driver:
+    """Just enough of a triton driver for JITFunction.warmup to bind, specialize and compile for sm_90."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not available")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a real GPU runs this path in the gpu tests")
+def test_launch_path_binds_and_compiles_both_kernels_for_sm90_without_a_gpu():
+    # decode_triton's own launch path (the argument binder, constexpr specialization with the jitted sine
+    # helper as a constexpr, the kernel cache) up to the compiled binary, as on an H100 - only the launch
+    # itself is left out. Fresh JITFunctions, so nothing compiled for the fake driver is cached elsewhere.
+    from triton.runtime import driver
+
+    arch = Architecture(sine_layers=10, width=40)
+    bank = TensorBank.from_params(siren.init_params(arch, 8, generator=torch.Generator().manual_seed(0)), arch)
+    compact = bank.to_layout("compact")
+    idx, theta, out = torch.arange(4), torch.zeros(4, 2, 3), torch.empty(4, 3, 16, 16)
+    decode_kernel, sine = triton.jit(siren_decode._siren_decode_kernel), triton.jit(siren_decode._sine)
+    expand_kernel = triton.jit(siren_decode._expand_hidden_kernel)
+    previous = driver._active  # None until first used; reset_active() would create a CUDA driver here and fail
+    driver.set_active(_Sm90Driver())
+    try:
+        for by_batch in (False, True):
+            hidden = torch.empty(4, 9, 40, 40, dtype=torch.int8) if by_batch else bank.hidden_w
+            args = (idx, theta, out, bank.first_w, bank.first_b, hidden, bank.hidden_scale, bank.hidden_b,
+                    bank.last_w, bank.last_b, bank.num_images, 16, 16, 4, *out.stride(), 30.0, 30.0, float("nan"))
+            meta = siren_decode._constexprs(40, 9, 64, True, True, True, True, True, by_batch)
+            compiled = decode_kernel.warmup(*args, **meta, SINE=sine, grid=(16,), num_warps=4)
+            assert "sin.approx.f32" in compiled.asm["ptx"] and compiled.asm["cubin"]
+            assert decode_kernel.warmup(*args, **meta, SINE=sine, grid=(16,), num_warps=4) is compiled  # cached
+        compiled = expand_kernel.warmup(idx, compact.hidden_masks, compact.hidden_offsets, compact.hidden_values,
+                                        torch.empty(4, 9, 40, 40, dtype=torch.int8), 8,
+                                        compact.hidden_masks.shape[1], TOTAL=compact.hidden_total, BLOCK=1024,
+                                        INTERPRETED=False, ADD=None, grid=(4,), num_warps=4)
+        assert compiled.asm["cubin"]
+    finally:
+        driver.set_active(previous)
+
+
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not available")
 @pytest.mark.parametrize("capability", [80, 90])
 def test_compact_bank_kernels_compile_for_gpu_without_one(capability):
