@@ -334,6 +334,11 @@ def test_gpu_check_script_runs_its_stages_and_writes_outputs(tmp_path):
     assert layouts[("10x40", "default")]["layout"] == "compact"
     assert layouts[("10x40", "default")]["bank_over_file_bytes"] <= 1.1 < layouts[("10x40", "dense")][
         "bank_over_file_bytes"]
+    import bench_decode
+
+    table = bench_decode.render(decode)
+    assert "| 10x40 | 12x12 | 8 | torch | compact |" in table and "bank ≤ 1.1× file: met" in table
+    assert "NOT met" not in table
     encode = [json.loads(line) for line in (out / "bench_encode.jsonl").read_text().splitlines()]
     assert encode and encode[0]["img_steps_per_s"] > 0
     # A failing stage is logged and turns the exit status to 1 without stopping the others.

@@ -13,6 +13,7 @@ configs (and the libdevice sine), so the best config can be read off one run. --
 CPU (the triton backend only under TRITON_INTERPRET=1).
 
     python tools/bench_decode.py [--quick] [--device cuda] [--out results.json]
+    python tools/bench_decode.py --render results.json     # Markdown tables against the targets
 """
 from __future__ import annotations
 
@@ -190,6 +191,56 @@ def load_case(device, sine_layers, width, n, prune, workdir):
     return rows
 
 
+# Issue 3's decode targets (img/s, triton backend on a GPU) by (net, output size), and its other bounds.
+DECODE_TARGETS = {("10x28", "224x224"): 150e3, ("10x32", "224x224"): 150e3, ("10x40", "224x224"): 60e3,
+                  ("3x15", "32x32"): 10e6}
+MAX_ABS_ERR = 2e-3
+LOAD_GB_PER_S = 2.0
+MAX_BANK_OVER_FILE = 1.1
+
+
+def render(result: dict) -> str:
+    """Markdown tables of a bench_decode JSON: every decode and load row, with the targets it is held to."""
+    def met(ok):
+        return "met" if ok else "NOT met"
+
+    lines = [f"Measured {result['date']} on {result['device']} (torch {result['torch']}, triton "
+             f"{result.get('triton')}){' - quick sizes' if result.get('quick') else ''}; `tools/bench_decode.py`.",
+             ""]
+    if result["decode"]:
+        lines += ["| net | size | batch | backend | config | img/s | max abs err vs torch | target |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in result["decode"]:
+            config = r["config"] if r["config"] != "sweep" else "sweep " + ", ".join(
+                f"{k}={v}" for k, v in r.get("variant", {}).items())
+            if "img_per_s" not in r:
+                lines.append(f"| {r['arch']} | {r['size']} | {r['batch']} | {r['backend']} | {config} | "
+                             f"failed: {r.get('error', '?')} | | |")
+                continue
+            target = DECODE_TARGETS.get((r["arch"], r["size"]))
+            verdict = []
+            if target and r["backend"] == "triton" and r["config"] in ("default", "compact"):
+                verdict.append(f"≥ {target:,.0f}: {met(r['img_per_s'] >= target)}")
+            verdict.append(f"err ≤ {MAX_ABS_ERR:g}: {met(r['max_abs_err_vs_torch'] <= MAX_ABS_ERR)}")
+            lines.append(f"| {r['arch']} | {r['size']} | {r['batch']} | {r['backend']} | {config} | "
+                         f"{r['img_per_s']:,.0f} | {r['max_abs_err_vs_torch']:.1e} | {'; '.join(verdict)} |")
+        lines.append("")
+    if result["load"]:
+        lines += ["| net | pruned | images | path | layout | file B/img | bank / file | load GB/s | target |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["load"]:
+            verdict = ""
+            if r["path"] == "default":
+                verdict = f"bank ≤ {MAX_BANK_OVER_FILE}× file: {met(r['bank_over_file_bytes'] <= MAX_BANK_OVER_FILE)}"
+                if result.get("capability"):  # a GPU run
+                    verdict += f"; ≥ {LOAD_GB_PER_S} GB/s: {met(r['load_gb_per_s'] >= LOAD_GB_PER_S)}"
+            lines.append(f"| {r['arch']} | {100 * r['prune']:.1f} % | {r['images']} | {r['path']} | {r['layout']} | "
+                         f"{r['file_bytes'] / r['images']:,.0f} | {r['bank_over_file_bytes']:.3f} | "
+                         f"{r['load_gb_per_s']:.2f} | {verdict} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
@@ -199,7 +250,13 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true", help="only the default triton config")
     ap.add_argument("--load-images", type=int, default=None, help="images in the synthetic load-test file")
     ap.add_argument("--only", choices=("decode", "load"), default=None, help="run only the decode or the load cases")
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="print Markdown tables of an earlier run's JSON against the targets, and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as fh:
+            print(render(json.load(fh)))
+        return None
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = args.quick
