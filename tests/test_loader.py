@@ -224,9 +224,10 @@ def test_memory_does_not_grow_over_epochs(tmp_path):
 
 
 @cuda
-def test_cuda_loader_never_synchronizes_and_does_not_grow(tmp_path):
+@pytest.mark.parametrize("bank_layout", ["dense", "compact"])
+def test_cuda_loader_never_synchronizes_and_does_not_grow(tmp_path, bank_layout):
     path = write_random_inr(tmp_path / "gpu.inr", [(32, 32)] * 300, seed=6)
-    with inrfmt.open(path, device="cuda") as dataset:
+    with inrfmt.open(path, device="cuda", bank_layout=bank_layout) as dataset:
         pipeline = A.Compose([A.RandomResizedCrop(24), A.RandomHorizontalFlip(), A.RandomCrop(24, padding=2),
                               A.Normalize(0.5, 0.25)])
         loader = dataset.loader(64, augment=pipeline, dtype=torch.bfloat16, channels_last=True)
