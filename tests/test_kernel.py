@@ -351,8 +351,8 @@ def test_cuda_compact_bank_matches_dense(sine_layers, width, prune):
     idx = torch.randint(0, 300, (96,), device="cuda")
     assert torch.equal(expand_hidden(compact, idx), dense.hidden_w[idx])
     theta = random_theta(96, seed=5).cuda()
-    got = decode(compact, idx, 56, theta)
-    ref = decode(dense, idx, 56, theta)
+    got = decode(compact, idx, 56, theta, backend="triton")
+    ref = decode(dense, idx, 56, theta, backend="triton")
     torch.cuda.synchronize()
     assert torch.equal(got, ref)
     assert (got - decode_torch(dense, idx, 56, theta)).abs().max().item() <= TOL
