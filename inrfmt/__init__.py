@@ -2,7 +2,7 @@
 
 The public API is small:
 
-    inrfmt.open(path, device=None) -> InrDataset   # the whole file on the device; ds.decode, ds.loader
+    inrfmt.open(path, device=None, *, bank_layout="auto") -> InrDataset   # the whole file on the device
     inrfmt.convert(src, out, preset=...)           # encode a folder / CIFAR / HDF5 / npy source
     inrfmt.merge(out, parts)                       # join the part files of a sharded convert
     inrfmt.InrDataset, inrfmt.InrLoader

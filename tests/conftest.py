@@ -21,6 +21,7 @@ def _no_silent_triton_fallback(request):
     A GPU test must not pass that way: it would compare torch with torch. Fail the test that triggered it."""
     yield
     if request.node.get_closest_marker("gpu") is not None:
-        from inrfmt import decode
+        import inrfmt.decode as decode_mod
 
-        assert decode._auto_triton_failed is None, f"the triton decoder fell back to torch: {decode._auto_triton_failed}"
+        failed = decode_mod._auto_triton_failed
+        assert failed is None, f"the triton decoder fell back to torch: {failed}"
