@@ -14,10 +14,12 @@ Hidden weights are held in one of two layouts:
 `layout="auto"` (the default) keeps the bank within 1.1x the file's bytes: dense when that fits, compact
 when pruning makes the dense form larger than that (and compact is smaller).
 
-`TensorBank.from_file` fills the bank chunk by chunk: each zstd chunk is decoded by `InrFile.read_chunk`,
-copied into a pinned staging buffer and from there, asynchronously, into its slice of the preallocated
-device tensors. Two staging buffers alternate so that decompressing chunk k+1 overlaps the copy of chunk k.
-At most two chunks of decoded weights exist in host memory at any time.
+`TensorBank.from_file` fills the preallocated bank chunk by chunk. On CUDA, worker threads check and
+zstd-decompress chunks; each raw payload is copied into one of two alternating pinned staging buffers and
+from there, asynchronously, to the device, where the bitmaps are expanded (dense) or the values and bitmaps
+stored as they are (compact); decompressing the next chunks overlaps the copy of this one. At most a few
+chunks exist in host memory at any time, never a second copy of the dataset. On the CPU, a dense bank is
+filled from `InrFile.read_chunk`.
 """
 from __future__ import annotations
 
@@ -324,7 +326,8 @@ class TensorBank:
         one of two alternating pinned staging buffers to the device (non_blocking), where the pruning bitmap
         is expanded into the dense weights (or, compact, values and bitmaps are copied as they are) - so the
         host does no per-weight work at all.
-        CPU (default, dense): `InrFile.read_chunk` per chunk, copied straight into the bank.
+        CPU (default, dense): `InrFile.read_chunk` per chunk (bitmaps expanded on the host), copied straight
+        into the bank; on CUDA that path (expand_on_device=False) copies synchronously, for comparison only.
         expand_on_device=True/False forces either dense path (the device path also runs on CPU tensors); a
         compact bank is always filled from the raw payloads.
         `progress`, if given, is called with (images_done, total) after each chunk.
@@ -465,17 +468,6 @@ class TensorBank:
             "last_b": ((3,), fdt),
         }
         bank = {name: torch.empty((n, *shape), dtype=dtype, device=device) for name, (shape, dtype) in shapes.items()}
-
-        use_staging = device.type == "cuda"
-        if use_staging:
-            max_chunk = max((stop - start for start, stop in map(f.chunk_range, range(f.num_chunks))), default=0)
-            # Two sets of pinned buffers; a set is refilled only after its previous copy has completed.
-            staging = [{name: torch.empty((max_chunk, *shape), dtype=dtype, pin_memory=True)
-                        for name, (shape, dtype) in shapes.items()} for _ in range(2)]
-            copied = [None, None]  # CUDA events: copies out of staging set s done
-            stream = torch.cuda.Stream(device=device)
-
-        done = 0
         for k in range(f.num_chunks):
             start, stop = f.chunk_range(k)
             count = stop - start
@@ -485,30 +477,12 @@ class TensorBank:
                 if tuple(arr.shape) != (count, *shape):
                     raise InrFormatError(f"{f.path}: chunk {k} field {name} has shape {tuple(arr.shape)}, "
                                          f"expected {(count, *shape)}")
-            if use_staging:
-                s = k % 2
-                if copied[s] is not None:
-                    copied[s].synchronize()
-                for name in shapes:
-                    buf = staging[s][name][:count]
-                    buf.copy_(torch.from_numpy(np.ascontiguousarray(getattr(batch, name))))
-                with torch.cuda.stream(stream):
-                    for name in shapes:
-                        bank[name][start:stop].copy_(staging[s][name][:count], non_blocking=True)
-                    copied[s] = torch.cuda.Event()
-                    copied[s].record(stream)
-            else:
-                for name in shapes:
-                    bank[name][start:stop].copy_(torch.from_numpy(np.ascontiguousarray(getattr(batch, name))))
+                # On CUDA a plain synchronous copy: this path is the CPU default and, on a GPU, only the
+                # host-expansion comparison of tools/bench_decode.py (the default there is _from_raw_chunks).
+                bank[name][start:stop].copy_(torch.from_numpy(np.ascontiguousarray(arr)))
             del batch
-            done += count
             if progress is not None:
-                progress(done, n)
-        if use_staging:
-            stream.synchronize()
-            # The bank's tensors were written on a side stream; later work runs on the current stream.
-            torch.cuda.current_stream(device).wait_stream(stream)
-            del staging
+                progress(stop, n)
 
         index = f.index
         labels = torch.from_numpy(np.asarray(index["label"], dtype=np.int64)).to(device)
