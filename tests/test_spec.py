@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from inrfmt.format import InrFile, INDEX_DTYPE
+from tests.test_format import _set as header_edit  # set (or, value KeyError, delete) one header key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join(ROOT, "spec")
@@ -173,13 +174,7 @@ def test_reader_refuses_what_the_schema_forbids(tmp_path, edit):
     from inrfmt.errors import InrFormatError
     path, value = edit
     data, header = _golden_header("int8_masks")
-    obj = header
-    for key in path[:-1]:
-        obj = obj[key]
-    if value is KeyError:
-        del obj[path[-1]]
-    else:
-        obj[path[-1]] = value
+    header_edit(path, value)(header)
     assert schema_errors(header, SCHEMA) != []
     target = tmp_path / "edited.inr"
     target.write_bytes(_with_header(data, header))
