@@ -18,8 +18,8 @@ _LAZY = {
     "open": ("data", "open"),
     "InrDataset": ("data", "InrDataset"),
     "InrLoader": ("data", "InrLoader"),
-    "convert": ("encode", "convert"),
-    "merge": ("encode", "merge"),
+    "convert": ("conversion", "convert"),
+    "merge": ("shards", "merge"),
 }
 
 __all__ = ["open", "convert", "merge", "InrDataset", "InrLoader", "InrFormatError", "InrUsageError",

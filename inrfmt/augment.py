@@ -39,7 +39,7 @@ from .errors import InrUsageError
 
 __all__ = ["AugmentPlan", "Transform", "Compose", "RandomResizedCrop", "RandomHorizontalFlip",
            "RandomVerticalFlip", "RandomCrop", "RandomTranslate", "Resize", "CenterCrop", "Normalize",
-           "identity_theta"]
+           "with_output_size"]
 
 # A padded area is hit when a pixel centre's source point lies outside the padded-from image by more
 # than this (in [-1, 1] units); integer-pixel crops put centres at least half a pixel from an edge.
@@ -53,14 +53,6 @@ class AugmentPlan(NamedTuple):
     theta: torch.Tensor | None  # [B,2,3] float32 on the batch's device; None: identity
     size: tuple[int, int]  # (h, w) of the decoded output
     finish: Callable[[torch.Tensor], torch.Tensor]  # fills + Normalize, in place on the decoded batch
-
-
-def identity_theta(batch: int, device=None) -> torch.Tensor:
-    """[batch, 2, 3] identity maps."""
-    theta = torch.zeros(batch, 2, 3, device=device, dtype=torch.float32)
-    theta[:, 0, 0] = 1.0
-    theta[:, 1, 1] = 1.0
-    return theta
 
 
 def _constant(values, device) -> torch.Tensor:
@@ -178,13 +170,14 @@ def _size_pair(size, name: str) -> tuple[int, int]:
     return pair
 
 
-def _fill_triple(fill, name: str) -> tuple[float, float, float]:
-    if isinstance(fill, numbers.Real):
-        return (float(fill),) * 3
-    if isinstance(fill, Sequence) and len(fill) in (1, 3):
-        values = tuple(float(v) for v in fill)
+def _per_channel(value, name: str, what: str) -> tuple[float, float, float]:
+    """A number or 1 or 3 numbers -> one float per channel (R, G, B)."""
+    if isinstance(value, numbers.Real):
+        return (float(value),) * 3
+    if isinstance(value, Sequence) and len(value) in (1, 3):
+        values = tuple(float(v) for v in value)
         return values * 3 if len(values) == 1 else values
-    raise InrUsageError(f"{name}: fill must be a number or 3 numbers (one per channel), got {fill!r}")
+    raise InrUsageError(f"{name}: {what} must be a number or 3 numbers (one per channel), got {value!r}")
 
 
 def _check_padding_mode(padding_mode: str, name: str) -> None:
@@ -369,7 +362,7 @@ class RandomCrop(Transform):
         self.size = _size_pair(size, "RandomCrop")
         self.padding = _padding_ltrb(padding, "RandomCrop")
         self.pad_if_needed = bool(pad_if_needed)
-        self.fill = _fill_triple(fill, "RandomCrop")
+        self.fill = _per_channel(fill, "RandomCrop", "fill")
         _check_padding_mode(padding_mode, "RandomCrop")
         self.padding_mode = padding_mode
 
@@ -411,7 +404,7 @@ class RandomTranslate(Transform):
         if min(shift) < 0:
             raise InrUsageError(f"RandomTranslate: max_shift must be >= 0, got {max_shift!r}")
         self.max_shift = shift
-        self.fill = _fill_triple(fill, "RandomTranslate")
+        self.fill = _per_channel(fill, "RandomTranslate", "fill")
 
     def _apply(self, view: _View) -> None:
         dx, dy = self.max_shift
@@ -486,8 +479,8 @@ class Normalize(Transform):
     is_post = True
 
     def __init__(self, mean, std, inplace=False):
-        self.mean = _fill_triple(mean, "Normalize")
-        self.std = _fill_triple(std, "Normalize")
+        self.mean = _per_channel(mean, "Normalize", "mean")
+        self.std = _per_channel(std, "Normalize", "std")
         if min(abs(s) for s in self.std) == 0:
             raise InrUsageError(f"Normalize: std must be non-zero, got {std!r}")
         self._cache: dict = {}
@@ -501,3 +494,12 @@ class Normalize(Transform):
             self._cache[key] = (mean, inv_std)
         mean, inv_std = self._cache[key]
         return images.sub_(mean).mul_(inv_std)
+
+
+def with_output_size(pipeline: Transform | None, size) -> Transform:
+    """`pipeline` (or nothing) followed by a Resize to `size` ((h, w) or int), placed before the pipeline's
+    pixel ops (Normalize), so the decode itself happens at `size`."""
+    ops = pipeline._ops() if pipeline is not None else []
+    geometric = [op for op in ops if not op.is_post]
+    pixel = [op for op in ops if op.is_post]
+    return Compose(geometric + [Resize(size)] + pixel)

@@ -1,61 +1,59 @@
 """TensorBank: a whole .inr dataset as one set of contiguous tensors on one device.
 
 The bank keeps hidden-layer weights in the file's storage dtype (int8 with per-image per-layer scales, or
-float16/float32), and the first/last layers and biases in the file's float dtype (float32, or float16 for
-files written with --float-dtype float16): dequantization and upcasting happen inside the decoders.
-Hidden weights are held in one of two layouts:
+float16/float32), and the first/last layers and biases in the file's float dtype: dequantization and
+upcasting happen inside the decoders. Hidden weights are held in one of two layouts:
 
   dense    [N,H,W,W], pruned weights stored as zeros. The decoders read it directly (fastest).
   compact  the file's own representation: the kept values of all images back to back ([total_nnz]), the
            pruning bitmaps ([N, ceil(H*W*W/8)], numpy packbits order) and each image's first value
-           (int64 [N]). A decode expands its batch's weights to dense first (one small kernel; a [B,H,W,W]
-           temporary), so the bank costs what the file's payload does however much was pruned.
+           (int64 [N]). A decode expands its batch's weights to dense first (a [B,H,W,W] temporary), so
+           the bank costs what the file's payload does however much was pruned.
 
 `layout="auto"` (the default) keeps the bank within 1.1x the file's bytes: dense when that fits, compact
 when pruning makes the dense form larger than that (and compact is smaller).
 
-`TensorBank.from_file` fills the preallocated bank chunk by chunk. On CUDA, worker threads check and
-zstd-decompress chunks; each raw payload is copied into one of two alternating pinned staging buffers and
-from there, asynchronously, to the device, where the bitmaps are expanded (dense) or the values and bitmaps
-stored as they are (compact); decompressing the next chunks overlaps the copy of this one. At most a few
-chunks exist in host memory at any time, never a second copy of the dataset. On the CPU, a dense bank is
-filled from `InrFile.read_chunk`.
+`TensorBank.from_file` fills the preallocated bank chunk by chunk: worker threads read each chunk through
+`InrFile.read_payload` (checked and decompressed there); each payload goes to the device through one of two
+alternating pinned staging buffers on CUDA, and is unpacked there (bitmaps expanded for dense, stored as they
+are for compact), so decompressing the next chunks overlaps the copy of this one and at most a few chunks
+are ever in host memory.
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .errors import InrFormatError, InrUsageError
+from . import device as devices
+from .errors import InrUsageError
+from .quantize import quantize_hidden
+from .spec import DTYPES, FLOAT_DTYPES, HIDDEN_DTYPES
 
-if TYPE_CHECKING:  # format.py is numpy-only; imported lazily so the bank can be built from tensors alone
-    from .format import Architecture, InrFile
+if TYPE_CHECKING:
+    from .reader import ChunkPayload, InrFile
+    from .spec import Architecture
 
-HIDDEN_DTYPES = {
-    "int8": torch.int8,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+# The torch dtype of each storage dtype name of the format.
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 # Per-image tensors of a bank, in a fixed order (the order of WeightBatch's fields).
 _WEIGHT_FIELDS = ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b")
 _COMPACT_FIELDS = ("hidden_values", "hidden_masks", "hidden_offsets")
 _META_FIELDS = ("labels", "heights", "widths")
-# dtypes of the first/last layers and biases (all five share one)
-FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_FLOAT_TENSOR_DTYPES = tuple(TORCH_DTYPES[n] for n in FLOAT_DTYPES)
+_HIDDEN_TENSOR_DTYPES = tuple(TORCH_DTYPES[n] for n in HIDDEN_DTYPES)
 LAYOUTS = ("auto", "dense", "compact")
 # layout="auto" keeps the bank within this factor of the file's bytes when the compact layout can.
 AUTO_MAX_BANK_OVER_FILE = 1.1
 
 
-def _hidden_dtype_name(dtype: torch.dtype) -> str:
-    for name, value in HIDDEN_DTYPES.items():
-        if value == dtype:
-            return name
-    raise InrUsageError(f"hidden_w dtype {dtype} is not one of int8, float16, float32")
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in TORCH_DTYPES.items() if value == dtype)
 
 
 class TensorBank:
@@ -82,7 +80,7 @@ class TensorBank:
                                 "hidden_offsets (compact)")
         if not compact and any(t is not None for t in (hidden_values, hidden_masks, hidden_offsets)):
             raise InrUsageError("TensorBank: give hidden_w or the compact hidden_* tensors, not both")
-        floats = (first_w.dtype,) if first_w.dtype in FLOAT_DTYPES.values() else tuple(FLOAT_DTYPES.values())
+        floats = (first_w.dtype,) if first_w.dtype in _FLOAT_TENSOR_DTYPES else _FLOAT_TENSOR_DTYPES
         expected = {
             "first_w": ((n, w, 2), floats),
             "first_b": ((n, w), floats),
@@ -94,12 +92,12 @@ class TensorBank:
         given = dict(first_w=first_w, first_b=first_b, hidden_scale=hidden_scale, hidden_b=hidden_b,
                      last_w=last_w, last_b=last_b)
         if compact:
-            expected["hidden_values"] = ((hidden_values.numel(),), tuple(HIDDEN_DTYPES.values()))
+            expected["hidden_values"] = ((hidden_values.numel(),), _HIDDEN_TENSOR_DTYPES)
             expected["hidden_masks"] = ((n, (h * w * w + 7) // 8), (torch.uint8,))
             expected["hidden_offsets"] = ((n,), (torch.int64,))
             given.update(hidden_values=hidden_values, hidden_masks=hidden_masks, hidden_offsets=hidden_offsets)
         else:
-            expected["hidden_w"] = ((n, h, w, w), tuple(HIDDEN_DTYPES.values()))
+            expected["hidden_w"] = ((n, h, w, w), _HIDDEN_TENSOR_DTYPES)
             given["hidden_w"] = hidden_w
         for name, (shape, dtypes) in expected.items():
             t = given[name]
@@ -184,11 +182,11 @@ class TensorBank:
     @property
     def hidden_total(self) -> int:
         """Hidden weights per image, H*W*W."""
-        return self.arch.hidden_layers * self.arch.width ** 2
+        return self.arch.hidden_total
 
     @property
     def hidden_dtype(self) -> str:
-        return _hidden_dtype_name((self.hidden_w if self.hidden_w is not None else self.hidden_values).dtype)
+        return _dtype_name((self.hidden_w if self.hidden_w is not None else self.hidden_values).dtype)
 
     def _fields(self) -> tuple[str, ...]:
         weights = _WEIGHT_FIELDS if self.hidden_w is not None else \
@@ -269,24 +267,13 @@ class TensorBank:
     @classmethod
     def from_params(cls, params, arch: "Architecture", *, hidden_dtype: str = "int8", labels=None,
                     heights=None, widths=None, device=None) -> "TensorBank":
-        """A bank from float `siren.SirenParams` (tests, benchmarks, freshly fitted weights).
-
-        int8 quantizes each image's hidden layers symmetrically (scale = max|w| / 127, per image per layer);
-        float16/float32 keep the weights with scale 1.
-        """
+        """A bank from float `siren.SirenParams` (tests, benchmarks, freshly fitted weights), the hidden
+        weights quantized to `hidden_dtype` as the encoder does (`quantize.quantize_hidden`)."""
         if hidden_dtype not in HIDDEN_DTYPES:
-            raise InrUsageError(f"hidden_dtype {hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES)}")
+            raise InrUsageError(f"hidden_dtype {hidden_dtype!r} is not one of {', '.join(HIDDEN_DTYPES)}")
         device = torch.device(device) if device is not None else params.first_w.device
         f32 = dict(device=device, dtype=torch.float32)
-        hidden = params.hidden_w.to(**f32)
-        n, h = hidden.shape[0], hidden.shape[1]
-        if hidden_dtype == "int8":
-            scale = hidden.abs().amax(dim=(-2, -1)) / 127.0
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            hidden_w = torch.round(hidden / scale[:, :, None, None]).clamp_(-127, 127).to(torch.int8)
-        else:
-            scale = torch.ones((n, h), **f32)
-            hidden_w = hidden.to(HIDDEN_DTYPES[hidden_dtype])
+        hidden_w, scale = quantize_hidden(params.hidden_w.to(**f32), hidden_dtype)
 
         def opt(t, dtype):
             return None if t is None else torch.as_tensor(t, dtype=dtype).to(device).contiguous()
@@ -300,12 +287,11 @@ class TensorBank:
     @classmethod
     def from_weight_batch(cls, weights, arch: "Architecture", *, labels=None, heights=None, widths=None,
                           device="cpu") -> "TensorBank":
-        """A bank from a numpy `format.WeightBatch` (e.g. `InrFile.read_images(...)`)."""
+        """A bank from a numpy `spec.WeightBatch` (e.g. `InrFile.read_images(...)`)."""
         device = torch.device(device)
         tensors = {}
         for name in _WEIGHT_FIELDS:
-            arr = np.ascontiguousarray(getattr(weights, name))
-            t = torch.from_numpy(arr)
+            t = torch.from_numpy(np.ascontiguousarray(getattr(weights, name)))
             if name != "hidden_w":
                 t = t.to(torch.float32)
             tensors[name] = t.to(device).contiguous()
@@ -317,57 +303,36 @@ class TensorBank:
                    widths=opt(widths, torch.int32), **tensors)
 
     @classmethod
-    def from_file(cls, inr_file, device=None, *, layout="auto", progress=None, expand_on_device=None,
-                  workers=None) -> "TensorBank":
+    def from_file(cls, inr_file, device=None, *, layout="auto", progress=None, workers=None) -> "TensorBank":
         """Upload a whole .inr file (an `InrFile` or a path) to `device`, chunk by chunk.
 
-        layout: "auto" (see `auto_layout`), "dense" or "compact".
-        CUDA (default): worker threads check and zstd-decompress chunks; each raw chunk payload goes through
-        one of two alternating pinned staging buffers to the device (non_blocking), where the pruning bitmap
-        is expanded into the dense weights (or, compact, values and bitmaps are copied as they are) - so the
-        host does no per-weight work at all.
-        CPU (default, dense): `InrFile.read_chunk` per chunk (bitmaps expanded on the host), copied straight
-        into the bank; on CUDA that path (expand_on_device=False) copies synchronously, for comparison only.
-        expand_on_device=True/False forces either dense path (the device path also runs on CPU tensors); a
-        compact bank is always filled from the raw payloads.
-        `progress`, if given, is called with (images_done, total) after each chunk.
+        layout: "auto" (see `auto_layout`), "dense" or "compact". Worker threads (`workers`, default up to 8)
+        read and check chunks with `InrFile.read_payload`; on CUDA each payload is copied through one of two
+        alternating pinned staging buffers (non_blocking) and unpacked on the device, so the host does no
+        per-weight work. `progress`, if given, is called with (images_done, total) after each chunk.
         """
-        from .format import InrFile
+        from .reader import InrFile
 
         if layout not in LAYOUTS:
             raise InrUsageError(f"bank layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        device = _resolve_device(device)
+        device = devices.resolve(device)
         owned = not isinstance(inr_file, InrFile)
         f = InrFile(inr_file) if owned else inr_file
         try:
-            if f.hidden_dtype not in HIDDEN_DTYPES:
-                raise InrFormatError(f"{f.path}: hidden_dtype {f.hidden_dtype!r} is not supported by the bank")
-            if f.float_dtype not in FLOAT_DTYPES:
-                raise InrFormatError(f"{f.path}: float_dtype {f.float_dtype!r} is not supported by the bank")
             if layout == "auto":
                 layout = auto_layout(f)
-            if layout == "compact":
-                return cls._from_raw_chunks(f, device, progress, workers, compact=True)
-            if expand_on_device is None:
-                expand_on_device = device.type == "cuda"
-            if expand_on_device:
-                return cls._from_raw_chunks(f, device, progress, workers, compact=False)
-            return cls._from_open_file(f, device, progress)
+            return cls._from_payloads(f, device, progress, workers, compact=layout == "compact")
         finally:
             if owned:
                 f.close()
 
     @classmethod
-    def _from_raw_chunks(cls, f, device: torch.device, progress, workers, compact: bool) -> "TensorBank":
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
+    def _from_payloads(cls, f: "InrFile", device: torch.device, progress, workers, compact: bool) -> "TensorBank":
         start_time = time.perf_counter()
         arch = f.arch
         n, w, h = f.num_images, arch.width, arch.hidden_layers
-        total = h * w * w
-        hidden_dtype = HIDDEN_DTYPES[f.hidden_dtype]
-        fdt = FLOAT_DTYPES[f.float_dtype]
+        total = arch.hidden_total
+        fdt = TORCH_DTYPES[f.float_dtype]
         nnz = np.asarray(f.index["nnz"], dtype=np.int64)
         bank = {
             "first_w": torch.empty((n, w, 2), dtype=fdt, device=device),
@@ -376,6 +341,7 @@ class TensorBank:
             "last_w": torch.empty((n, 3, w), dtype=fdt, device=device),
             "last_b": torch.empty((n, 3), dtype=fdt, device=device),
         }
+        hidden_dtype = TORCH_DTYPES[f.hidden_dtype]
         value_starts = np.concatenate([[0], np.cumsum(nnz)])  # a maskless file has nnz == H*W*W (checked)
         if compact:
             bank["hidden_values"] = torch.empty((int(value_starts[-1]),), dtype=hidden_dtype, device=device)
@@ -386,64 +352,46 @@ class TensorBank:
                 bank["hidden_masks"].copy_(torch.from_numpy(full).to(device).expand(n, -1))
         else:
             bank["hidden_w"] = torch.empty((n, h, w, w), dtype=hidden_dtype, device=device)
-        bounds = [f.chunk_range(k) for k in range(f.num_chunks)]
-        raw_lengths = [int(f.chunks["raw_length"][k]) for k in range(f.num_chunks)]
-        max_raw = max(raw_lengths, default=0)
+        max_raw = max((int(v) for v in f.chunks["raw_length"]), default=0)
         cuda = device.type == "cuda"
+        raw_device = torch.empty((max_raw,), dtype=torch.uint8, device=device)
         if cuda:
             staging = [torch.empty((max_raw,), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
             copied = [None, None]
-        raw_device = torch.empty((max_raw,), dtype=torch.uint8, device=device)
-        nnz_device = torch.from_numpy(nnz).to(device)
-        bad = torch.zeros((), dtype=torch.bool, device=device)  # any mask inconsistent with nnz / padding bits
-        if cuda:
             stream = torch.cuda.Stream(device=device)
-            stream.wait_stream(torch.cuda.current_stream(device))  # nnz_device and bad are written there
-
-        def fetch(k):  # worker thread: CRC check + zstd decompress (both release the GIL)
-            frame, raw_length = f.read_chunk_frame(k)
-            return _decompress_chunk(f.path, k, frame, raw_length)
-
-        def unpack(k, raw, start, stop):
-            return _unpack_chunk(f, k, raw, bank, start, stop - start, total, nnz_device[start:stop],
-                                 int(value_starts[stop] - value_starts[start]), int(value_starts[start]), compact)
+            stream.wait_stream(torch.cuda.current_stream(device))  # the bank tensors were made there
 
         workers = workers or min(8, os.cpu_count() or 1)
-        lookahead = workers + 1  # chunks decompressed ahead: bounds host memory to a few chunks
+        lookahead = workers + 1  # chunks read ahead: bounds host memory to a few chunks
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending = {k: pool.submit(fetch, k) for k in range(min(lookahead, f.num_chunks))}
+            pending = {k: pool.submit(f.read_payload, k) for k in range(min(lookahead, f.num_chunks))}
             for k in range(f.num_chunks):
-                raw = pending.pop(k).result()
+                payload = pending.pop(k).result()
                 if k + lookahead < f.num_chunks:
-                    pending[k + lookahead] = pool.submit(fetch, k + lookahead)
-                start, stop = bounds[k]
-                length = len(raw)
+                    pending[k + lookahead] = pool.submit(f.read_payload, k + lookahead)
+                length = len(payload.raw)
+                value_start = int(value_starts[payload.start])
                 if cuda:
                     s = k % 2
                     if copied[s] is not None:
                         copied[s].synchronize()
-                    staging[s].numpy()[:length] = np.frombuffer(raw, dtype=np.uint8)
+                    staging[s].numpy()[:length] = np.frombuffer(payload.raw, dtype=np.uint8)
                     with torch.cuda.stream(stream):
                         raw_device[:length].copy_(staging[s][:length], non_blocking=True)
                         copied[s] = torch.cuda.Event()
                         copied[s].record(stream)
-                        bad |= unpack(k, raw_device[:length], start, stop)
+                        _unpack_payload(payload, raw_device[:length], bank, value_start, total, compact)
                 else:
-                    raw_device[:length].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-                    bad |= unpack(k, raw_device[:length], start, stop)
-                del raw
+                    raw_device[:length].copy_(torch.frombuffer(bytearray(payload.raw), dtype=torch.uint8))
+                    _unpack_payload(payload, raw_device[:length], bank, value_start, total, compact)
+                del payload
                 if progress is not None:
-                    progress(stop, n)
+                    progress(f.chunk_range(k)[1], n)
         if cuda:
             stream.synchronize()
             torch.cuda.current_stream(device).wait_stream(stream)
             del staging
         del raw_device
-        if bool(bad):
-            # Find and name the broken chunk with the reader's own checks (slow path, only on failure).
-            for k in range(f.num_chunks):
-                f.read_chunk(k)
-            raise InrFormatError(f"{f.path}: a pruning mask disagrees with the index (nnz or padding bits)")
         index = f.index
         scales = torch.from_numpy(np.array(f.scales, dtype=np.float32).reshape(n, h)).to(device)
         labels = torch.from_numpy(np.asarray(index["label"], dtype=np.int64)).to(device)
@@ -451,84 +399,14 @@ class TensorBank:
         widths = torch.from_numpy(np.asarray(index["width"], dtype=np.int32)).to(device)
         if cuda:
             torch.cuda.synchronize(device)
-        # Compact banks were checked chunk by chunk above (mask bit counts == nnz, clean padding bits).
+        # The reader checked every payload (bitmap counts == nnz, clean padding bits): no second check here.
         return cls(arch, hidden_scale=scales, labels=labels, heights=heights, widths=widths,
                    load_seconds=time.perf_counter() - start_time, check_compact=False, **bank)
-
-    @classmethod
-    def _from_open_file(cls, f, device: torch.device, progress) -> "TensorBank":
-        start_time = time.perf_counter()
-        arch = f.arch
-        n, w, h = f.num_images, arch.width, arch.hidden_layers
-        fdt = FLOAT_DTYPES[f.float_dtype]  # read_chunk gives float32; float16 files' values convert exactly
-        shapes = {
-            "first_w": ((w, 2), fdt), "first_b": ((w,), fdt),
-            "hidden_w": ((h, w, w), HIDDEN_DTYPES[f.hidden_dtype]), "hidden_scale": ((h,), torch.float32),
-            "hidden_b": ((h, w), fdt), "last_w": ((3, w), fdt),
-            "last_b": ((3,), fdt),
-        }
-        bank = {name: torch.empty((n, *shape), dtype=dtype, device=device) for name, (shape, dtype) in shapes.items()}
-        for k in range(f.num_chunks):
-            start, stop = f.chunk_range(k)
-            count = stop - start
-            batch = f.read_chunk(k)
-            for name, (shape, _) in shapes.items():
-                arr = getattr(batch, name)
-                if tuple(arr.shape) != (count, *shape):
-                    raise InrFormatError(f"{f.path}: chunk {k} field {name} has shape {tuple(arr.shape)}, "
-                                         f"expected {(count, *shape)}")
-                # On CUDA a plain synchronous copy: this path is the CPU default and, on a GPU, only the
-                # host-expansion comparison of tools/bench_decode.py (the default there is _from_raw_chunks).
-                bank[name][start:stop].copy_(torch.from_numpy(np.ascontiguousarray(arr)))
-            del batch
-            if progress is not None:
-                progress(stop, n)
-
-        index = f.index
-        labels = torch.from_numpy(np.asarray(index["label"], dtype=np.int64)).to(device)
-        heights = torch.from_numpy(np.asarray(index["height"], dtype=np.int32)).to(device)
-        widths = torch.from_numpy(np.asarray(index["width"], dtype=np.int32)).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return cls(arch, labels=labels, heights=heights, widths=widths,
-                   load_seconds=time.perf_counter() - start_time, **bank)
-
-
-def _resolve_device(device) -> torch.device:
-    """A torch.device with its index filled in for CUDA (so it equals the bank tensors' device)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InrUsageError(f"device {device!r} is not a valid torch device") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InrUsageError(f"device {str(device)!r} requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-# -- raw chunk payloads (device-side bitmap expansion) ---------------------------------------------------
-_TORCH_OF_NUMPY = {("f", 4): torch.float32, ("f", 2): torch.float16, ("i", 1): torch.int8, ("u", 1): torch.uint8}
-
-
-def _decompress_chunk(path, k: int, frame: bytes, raw_length: int) -> bytes:
-    import zstandard
-
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=raw_length)
-    except zstandard.ZstdError as exc:
-        raise InrFormatError(f"{path}: chunks[{k}]: zstd decompression failed ({exc})") from None
-    if len(raw) != raw_length:
-        raise InrFormatError(f"{path}: chunks[{k}]: decompressed to {len(raw)} bytes, expected {raw_length}")
-    return raw
 
 
 def _typed(segment: torch.Tensor, np_dtype: np.dtype, shape) -> torch.Tensor:
     """A uint8 slice reinterpreted as `np_dtype` (little-endian in the file, as on every torch device)."""
-    dtype = _TORCH_OF_NUMPY[(np_dtype.kind, np_dtype.itemsize)]
+    dtype = TORCH_DTYPES[np_dtype.name] if np_dtype.name in TORCH_DTYPES else torch.uint8
     if np_dtype.itemsize > 1 and segment.storage_offset() % np_dtype.itemsize:
         segment = segment.clone()  # misaligned after an odd-length bitmap: realign once
     return segment.view(dtype).view(shape)
@@ -553,9 +431,9 @@ def layout_bytes(f) -> dict[str, int]:
     """Bank bytes of the open InrFile `f` in each layout, computed from its header and index alone."""
     arch = f.arch
     n, w, h = f.num_images, arch.width, arch.hidden_layers
-    total = h * w * w
-    item = HIDDEN_DTYPES[f.hidden_dtype].itemsize
-    fitem = FLOAT_DTYPES[f.float_dtype].itemsize
+    total = arch.hidden_total
+    item = DTYPES[f.hidden_dtype].itemsize
+    fitem = DTYPES[f.float_dtype].itemsize
     common = n * (fitem * (2 * w + w + h * w + 3 * w + 3) + 4 * h + 8 + 4 + 4)  # floats, scales, labels, sizes
     nnz = int(np.asarray(f.index["nnz"], dtype=np.int64).sum()) if f.has_masks else n * total
     return {"dense": common + n * total * item,
@@ -571,24 +449,14 @@ def auto_layout(f) -> str:
     return "compact"
 
 
-def _unpack_chunk(f, k, raw: torch.Tensor, bank: dict, start: int, count: int, total: int,
-                  nnz: torch.Tensor, total_nnz: int, value_start: int, compact: bool) -> torch.Tensor:
-    """Scatter one decompressed chunk payload (already on the bank's device) into the bank.
-
-    Dense: the bitmap is expanded into hidden_w. Compact: values go to hidden_values[value_start:] and the
-    bitmaps to hidden_masks as they are. Returns a 0-d bool tensor: True when a mask disagrees with the
-    index's nnz or has padding bits set (checked on the device; the caller looks at it once, at the end).
-    """
-    arrays, pos = {}, 0
-    for name, np_dtype, shape in f.chunk_layout(k, total_nnz):
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
-        if pos + nbytes > raw.numel():
-            raise InrFormatError(f"{f.path}: chunks[{k}]: payload is shorter than its layout")
-        arrays[name] = _typed(raw[pos:pos + nbytes], np_dtype, tuple(shape))
-        pos += nbytes
-    if pos != raw.numel():
-        raise InrFormatError(f"{f.path}: chunks[{k}]: payload is longer than its layout")
-    stop = start + count
+def _unpack_payload(payload: "ChunkPayload", raw: torch.Tensor, bank: dict, value_start: int, total: int,
+                    compact: bool) -> None:
+    """Scatter one chunk's payload (its bytes already on the bank's device as `raw`) into the bank.
+    Dense: the bitmaps are expanded into hidden_w. Compact: values go to hidden_values[value_start:] and
+    the bitmaps to hidden_masks as they are."""
+    arrays = {name: _typed(raw[payload.offsets[name]:payload.offsets[name] + arr.nbytes], arr.dtype, arr.shape)
+              for name, arr in payload.arrays.items()}
+    start, stop, count = payload.start, payload.stop, payload.count
     for name in ("first_w", "first_b", "hidden_b", "last_w", "last_b"):
         bank[name][start:stop].copy_(arrays[name], non_blocking=True)
     values = arrays["values"]
@@ -597,20 +465,16 @@ def _unpack_chunk(f, k, raw: torch.Tensor, bank: dict, start: int, count: int, t
     if "masks" not in arrays:
         if not compact:
             bank["hidden_w"][start:stop].view(-1).copy_(values)
-        return torch.zeros((), dtype=torch.bool, device=raw.device)
+        return
     packed = arrays["masks"]  # [count, ceil(total/8)], most significant bit first (numpy packbits)
-    bits = _unpack_bits(packed)
-    mask = bits[:, :total].bool()
-    bad = (bits[:, total:] != 0).any() | (mask.sum(dim=1) != nnz).any()
     if compact:
         bank["hidden_masks"][start:stop].copy_(packed)
-        return bad
+        return
     dense = bank["hidden_w"][start:stop].view(count, total)
-    if total_nnz == 0:
+    if values.numel() == 0:
         dense.zero_()
-        return bad
-    flat = mask.view(-1)
+        return
+    flat = _unpack_bits(packed)[:, :total].bool().view(-1)
     position = torch.cumsum(flat, 0, dtype=torch.int64 if flat.numel() >= 2 ** 31 else torch.int32)
-    position = (position - 1).clamp_(0, total_nnz - 1)
+    position = (position - 1).clamp_(0, values.numel() - 1)
     dense.view(-1).copy_(torch.where(flat, values[position], torch.zeros((), dtype=values.dtype, device=raw.device)))
-    return bad

@@ -72,7 +72,7 @@ def convert(src, out, preset, steps, batch_size, device, seed, overwrite, resume
 
     Under torchrun each rank encodes its own shard and rank 0 merges them into OUT.
     """
-    from .encode import convert as run_convert
+    from .conversion import convert as run_convert
 
     summary = run_convert(src, out, preset=preset, steps=steps, batch_size=batch_size, device=device,
                           seed=seed, overwrite=overwrite, resume=resume, max_side=max_side,
@@ -197,8 +197,6 @@ def _print_info(doc: dict) -> None:
               help="Hidden-weight layout of the bank for --load (see inrfmt.open).")
 def info(file, as_json, per_image, load, device, bank_layout):
     """Describe an .inr file: images, classes, network, size, PSNR, pruning."""
-    from .format import InrFile
-
     with _open_file(file) as inr:
         doc = describe(inr, per_image=per_image)
     if load:
@@ -215,7 +213,7 @@ def info(file, as_json, per_image, load, device, bank_layout):
 def _open_file(path):
     import os
 
-    from .format import InrFile
+    from .reader import InrFile
 
     if not os.path.exists(path):
         raise InrUsageError(f"{path}: no such file")
@@ -256,7 +254,7 @@ def merge(out, parts, overwrite):
 
     Parts of one sharded run are put in shard order and must be complete; other .inr files keep the order given.
     """
-    from .encode import merge as run_merge
+    from .shards import merge as run_merge
 
     run_merge(out, list(parts), overwrite=overwrite)
     click.echo(f"wrote {out} from {len(parts)} parts", err=True)
@@ -295,7 +293,7 @@ def export(file, outdir, fmt, size, limit, device, overwrite):
 def bench(file, size, batch_size, backends, device, bank_layout, as_json):
     """Decode throughput (img/s) of each available backend on this machine, and load time."""
     from .data import open as open_dataset
-    from .decode import benchmark
+    from .bench import benchmark
 
     _open_file(file).close()
     with open_dataset(file, device=device, bank_layout=bank_layout) as ds:

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from . import augment as augment_mod
-from .bank import TensorBank, _resolve_device
+from . import device as devices
+from .bank import TensorBank
 from .decode import decode as decode_batch
-from .decode import parse_size
+from .decode_args import parse_size
+from .checks import check_int, is_int
 from .errors import InrUsageError
-from .format import InrFile
+from .reader import InrFile
 
 __all__ = ["open", "InrDataset", "InrLoader"]
 
@@ -56,7 +58,7 @@ class InrDataset(torch.utils.data.Dataset):
         if not os.path.exists(path):
             raise InrUsageError(f"{path}: no such file")
         start = time.perf_counter()
-        self.device = _resolve_device(device)
+        self.device = devices.resolve(device)
         self.path = path
         self.file = InrFile(path)
         try:
@@ -91,7 +93,7 @@ class InrDataset(torch.utils.data.Dataset):
     def _position(self, i) -> int:
         if isinstance(i, torch.Tensor) and i.numel() == 1:
             i = i.item()
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        if not is_int(i):
             raise InrUsageError(f"dataset index must be an int, got {type(i).__name__}")
         n = len(self)
         if not -n <= i < n:
@@ -240,10 +242,8 @@ class InrLoader:
     def __init__(self, dataset: InrDataset, batch_size, shuffle=True, drop_last=False, seed=0, size=None,
                  augment=None, dtype=torch.float32, channels_last=False, distributed=None, *,
                  rank=None, world_size=None, backend=None, reuse_buffer=False):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise InrUsageError(f"loader: batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise InrUsageError(f"loader: seed must be an int, got {seed!r}")
+        batch_size = check_int("loader: batch_size", batch_size, 1)
+        seed = check_int("loader: seed", seed)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise InrUsageError(f"loader: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         self.dataset = dataset
@@ -266,10 +266,7 @@ class InrLoader:
                                 f"got {type(augment).__name__}")
         self.size = parse_size(size) if size is not None else None
         if self.size is not None:  # a final Resize, before any post op (Normalize) of the pipeline
-            ops = augment._ops() if augment is not None else []
-            geometric = [op for op in ops if not op.is_post]
-            augment = augment_mod.Compose(geometric + [augment_mod.Resize(self.size)]
-                                          + [op for op in ops if op.is_post])
+            augment = augment_mod.with_output_size(augment, self.size)
         if augment is None and dataset.native_size is None and len(dataset) > 0:
             raise InrUsageError(f"{dataset.path}: images have different native sizes; pass size=(h, w) "
                                 f"(or an augment pipeline that ends at a fixed size)")
@@ -302,9 +299,7 @@ class InrLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` at its first batch (the order depends on it)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise InrUsageError(f"loader: epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = int(epoch)
+        self.epoch = check_int("loader: epoch", epoch, 0)
         self._batch = 0
 
     def order(self, epoch: int | None = None) -> torch.Tensor:
@@ -388,10 +383,9 @@ class InrLoader:
                 raise InrUsageError(f"loader: state was saved with {key}={state[key]!r} but this loader has "
                                     f"{key}={getattr(self, key)!r}; the order would not match")
         epoch, batch, seed = state["epoch"], state["batch"], state["seed"]
-        for key, value in (("epoch", epoch), ("batch", batch), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (key != "seed" and value < 0):
-                raise InrUsageError(f"loader: state {key} must be an int >= 0, got {value!r}")
-        self.seed, self.epoch, self._batch = int(seed), int(epoch), int(batch)
+        self.seed = check_int("loader: state seed", seed)
+        self.epoch = check_int("loader: state epoch", epoch, 0)
+        self._batch = check_int("loader: state batch", batch, 0)
         self._order_epoch = -1  # the seed may have changed
 
     def __repr__(self) -> str:

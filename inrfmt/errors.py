@@ -1,4 +1,4 @@
-"""The library's exception types. Kept import-free so every module (format.py included) can use them."""
+"""The library's exception types. Kept import-free so every module (the numpy-only reader and writer included) can use them."""
 
 
 class InrFormatError(ValueError):

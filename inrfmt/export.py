@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_int
+from .decode_args import parse_size
 from .errors import InrUsageError
 
 FORMATS = ("png", "jpeg", "h5")
@@ -52,10 +54,10 @@ def export(path, outdir, *, format="png", size=None, limit=None, device=None, ba
     Returns a summary: {"images", "format", "output", "classes", "sizes"}.
     """
     fmt = _check_format(format)
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = check_int("batch_size", batch_size, 1)
     if limit is not None:
-        limit = _non_negative_int(limit, "limit")
-    out_size = _parse_size(size)
+        limit = check_int("limit", limit, 0)
+    out_size = None if size is None else parse_size(size)
     target = _output_target(Path(os.fspath(path)), Path(os.fspath(outdir)), fmt, overwrite)
 
     from .data import open as open_dataset
@@ -97,30 +99,6 @@ def _check_format(fmt) -> str:
     if value not in FORMATS:
         raise InrUsageError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     return value
-
-
-def _positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise InrUsageError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
-
-
-def _non_negative_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-        raise InrUsageError(f"{name} must be a non-negative integer, got {v!r}")
-    return int(v)
-
-
-def _parse_size(size):
-    if size is None:
-        return None
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        size = (size, size)
-    try:
-        h, w = size
-    except (TypeError, ValueError):
-        raise InrUsageError(f"size must be an int or (height, width), got {size!r}") from None
-    return _positive_int(h, "size height"), _positive_int(w, "size width")
 
 
 def _output_target(src: Path, outdir: Path, fmt: str, overwrite: bool) -> Path:

@@ -2,9 +2,9 @@
 
 A preset's schedule is a list of rounds. Round 1 fits at full precision; every later round first prunes
 (a fixed ratio, or a per-image ratio from that image's PSNR by the preset's `PruneRule`) and then
-fine-tunes with the mask held. After the last round the hidden weights are quantized. The numbers follow
-the Rapid-INR paper (shared/anchors.md): 5000 steps at lr 5e-4, then 10000 steps at lr 2e-4 per pruning
-round, Adam with cosine decay; the CIFAR-10 preset skips the fixed 20% round.
+fine-tunes with the mask held. After the last round the hidden weights are quantized. The `rapid-inr-*`
+presets follow the Rapid-INR paper: 5000 steps at lr 5e-4, then 10000 steps at lr 2e-4 per pruning round,
+Adam with cosine decay; the CIFAR-10 preset skips the fixed 20% round.
 
 `steps` (convert --steps) is the number of round-1 steps; later rounds scale by the same factor.
 """
@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, replace
 
 from .errors import InrUsageError
-from .format import Architecture
+from .spec import Architecture
 
 
 @dataclass(frozen=True)
@@ -54,28 +54,17 @@ class Preset:
     rounds: tuple[Round, ...]
     prune_rule: PruneRule | None
     description: str
-    # Default images per batch by device type; the batch is fitted at once with batched matmuls.
+    # Images fitted at once, by device type.
     batch_size_cpu: int = 64
     batch_size_cuda: int = 1024
-    # Fraction of each image's pixels fitted per step (1.0 = every pixel, exact MSE). 0.25 for the large
-    # presets: anchors.md (10x28 @ 224^2, H200) 3.5x more img·steps/s at equal PSNR; measured here (CPU,
-    # 10x28 @ 64^2, lr 5e-4, 300 steps) 4.6x faster per step for -1.0 dB at equal steps, +9.8 dB at equal time.
+    # Fraction of each image's pixels fitted per step (1.0 = every pixel, the exact MSE); subsampling is
+    # several times faster at equal PSNR for large images (BENCHMARKS.md, "Encoder settings").
     pixel_fraction_cpu: float = 1.0
     pixel_fraction_cuda: float = 1.0
-    # Fraction of the fitting samples moved, each step, to a uniformly random point of their pixel cell,
-    # with the bilinearly interpolated image there as target; the rest stay at pixel centres. Fitted at
-    # pixel centres only (0), a SIREN oscillates between them, so upscaled decodes and crops (which sample
-    # between centres) ring. 0.5 for every preset: some PSNR at the pixel centres for a clean continuous
-    # image; the loss shrinks with longer schedules. tools/bench_upsample.py, CPU, 2026-11-26, jitter
-    # 0 -> 0.5 -> 1; native = PSNR at pixel centres (the index PSNR), 4x = PSNR of the 4x decode vs a
-    # bicubic upscale, TV = total variation of the 4x decode / the bicubic's:
-    #   fast, 200 Fashion-MNIST 28^2:  native 33.9 -> 29.9 -> 26.7, 4x 22.1 -> 29.0 -> 28.8, TV 2.13 -> 1.24 -> 1.02
-    #   fast, 32 photo crops 32^2:     native 29.1 -> 28.5 -> 27.9, 4x 26.7 -> 28.9 -> 29.0, TV 1.85 -> 1.23 -> 1.02
-    #   cifar10 preset, 16 crops 32^2: native 32.1 -> 32.0,         4x 29.1 -> 32.6,         TV 1.49 -> 1.03
-    # Whole-cell jitter on a fraction of the samples beat moving every sample by a fraction of the cell
-    # (fast, 64 Fashion-MNIST: half the samples 29.3 dB native / 28.3 dB at 4x; all by half a cell 28.6 / 27.3).
+    # Fraction of the fitting samples moved each step to a random point of their pixel cell (bilinear
+    # target), so the network is clean between pixel centres, where upscaled decodes and crops sample.
     jitter: float = 0.5
-    # TF32 matmuls on CUDA (2x at 224^2, no gain at 32^2 where the net is launch bound).
+    # TF32 matmuls on CUDA (a large speed-up at 224², none at 32²).
     tf32: bool = False
 
     def __post_init__(self):

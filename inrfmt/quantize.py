@@ -1,7 +1,7 @@
-"""Hidden-layer quantization, L1 pruning masks and the dynamic prune-ratio rule (batched, per image).
+"""Quantization and pruning of the per-image weights (batched): the only place either is written down.
 
-Only hidden-layer weights are pruned and quantized; the first and last layers and all biases are tiny
-and stay at full precision by default, as in the paper (convert's float_dtype="float16" halves them). Masks are "keep" masks: True = weight kept, False = pruned.
+Hidden-layer weights are pruned (L1, by a fixed or a PSNR-dependent ratio) and stored as int8 with a
+per-image, per-layer scale (or as float16/float32). Masks are "keep" masks: True = kept, False = pruned.
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from .presets import PruneRule
 
-QUANT_BITS = (8, 16, 32)
-HIDDEN_DTYPE_NAMES = {8: "int8", 16: "float16", 32: "float32"}
+# convert's `quant` (bits of a hidden weight) -> the hidden dtype stored in the file.
+HIDDEN_DTYPE_OF_BITS = {8: "int8", 16: "float16", 32: "float32"}
 INT8_MAX = 127
 
 
@@ -52,24 +52,30 @@ def mask_ratio(keep: torch.Tensor | None, n: int | None = None) -> torch.Tensor:
     return (~keep).reshape(keep.shape[0], -1).float().mean(dim=1)
 
 
-def quantize_hidden(hidden_w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_hidden(hidden_w: torch.Tensor, hidden_dtype: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden weights float [N,H,W,W] -> (stored weights, scale f32 [N,H]).
 
-    8: int8 symmetric per image per layer, scale = max|w| / 127 (1.0 for an all-zero layer);
-    16: float16, scale 1; 32: float32, scale 1. Zero weights (pruned) stay exactly zero."""
-    if bits not in QUANT_BITS:
-        raise ValueError(f"quantization bits must be one of {QUANT_BITS}, got {bits!r}")
+    "int8": symmetric per image per layer, scale = max|w| / 127 (1.0 for an all-zero layer); "float16",
+    "float32": the weights in that dtype, scale 1. Zero weights (pruned) stay exactly zero."""
+    if hidden_dtype not in HIDDEN_DTYPE_OF_BITS.values():
+        raise ValueError(f"hidden dtype must be one of {', '.join(HIDDEN_DTYPE_OF_BITS.values())}, "
+                         f"got {hidden_dtype!r}")
     w = hidden_w.detach().float()
     n, h = w.shape[:2]
-    if bits == 8:
+    if hidden_dtype == "int8":
         peak = w.abs().amax(dim=(2, 3))
         scale = torch.where(peak > 0, peak / INT8_MAX, torch.ones_like(peak))
         q = torch.round(w / scale[:, :, None, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
         return q, scale
     ones = torch.ones(n, h, dtype=torch.float32, device=w.device)
-    return (w.to(torch.float16) if bits == 16 else w.clone()), ones
+    return (w.to(torch.float16) if hidden_dtype == "float16" else w.clone()), ones
 
 
 def dequantize_hidden(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Stored hidden weights + scale -> float32 [N,H,W,W]; the same formula every decoder uses."""
     return q.float() * scale[:, :, None, None]
+
+
+def stored_float(t: torch.Tensor, float_dtype: str) -> torch.Tensor:
+    """A first/last-layer or bias tensor as the file will hold it ("float32" or "float16"), as float32."""
+    return t.half().float() if float_dtype == "float16" else t

@@ -146,8 +146,6 @@ class Source:
 
 def to_rgb8(img, background=(255, 255, 255)) -> np.ndarray:
     """A loaded PIL image (any mode) -> RGB uint8 [H, W, 3]. Orientation is not touched here."""
-    from PIL import Image
-
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return _gray_to_rgb(_scale16(np.asarray(img)))
@@ -743,10 +741,11 @@ class CifarSource(Source):
     def __init__(self, files: Sequence[Path]):
         files = [Path(p) for p in files]
         counts, labels_all = [], []
-        side = None
+        side, fine = None, False
         for p in files:
             batch = _read_pickle(p)
-            data, labels = self._arrays(batch, p)
+            data, labels, batch_fine = self._arrays(batch, p)
+            fine = fine or batch_fine
             s = math.isqrt(data.shape[1] // 3)
             if side is None:
                 side = s
@@ -756,16 +755,16 @@ class CifarSource(Source):
             labels_all.append(labels)
             del batch, data  # only one batch in memory at a time
         labels = np.concatenate(labels_all) if labels_all else np.zeros(0, np.int64)
-        class_names = self._meta_names(files[0].parent, fine=self._fine)
+        class_names = self._meta_names(files[0].parent, fine=fine)
         classes = _classes_for(labels, class_names, str(files[0].parent))
         super().__init__(files[0].parent if len(files) > 1 else files[0], classes)
         self.files, self.side, self.labels = files, side, labels
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._cache = None  # (batch file number, its data array): the one batch held in memory
 
-    _fine = False
-
-    def _arrays(self, batch: dict, path: Path):
+    @staticmethod
+    def _arrays(batch: dict, path: Path):
+        """(data uint8 [N, 3*H*W], labels, whether they are CIFAR-100 fine labels) of one batch."""
         data = batch.get("data")
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim not in (2, 4):
             desc = f"dtype {data.dtype} shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
@@ -777,13 +776,11 @@ class CifarSource(Source):
         side = math.isqrt(data.shape[1] // 3)
         if data.shape[1] != 3 * side * side or side == 0:
             raise InrUsageError(f"{path}: 'data' rows of {data.shape[1]} values are not 3 square colour planes")
-        if "fine_labels" in batch:
-            raw, self._fine = batch["fine_labels"], True
-        elif "labels" in batch:
-            raw = batch["labels"]
-        else:
+        fine = "fine_labels" in batch
+        if not fine and "labels" not in batch:
             raise InrUsageError(f"{path}: no 'labels' or 'fine_labels' in the batch (keys: {', '.join(batch)})")
-        return data, _check_labels(np.asarray(raw), data.shape[0], str(path))
+        raw = batch["fine_labels" if fine else "labels"]
+        return data, _check_labels(np.asarray(raw), data.shape[0], str(path)), fine
 
     @staticmethod
     def _meta_names(folder: Path, fine: bool):
@@ -816,7 +813,7 @@ class CifarSource(Source):
         if cache is None or cache[0] != f:
             self._cache = cache = None  # drop the old batch before reading the next
             try:
-                data, _ = self._arrays(_read_pickle(self.files[f]), self.files[f])
+                data, _, _ = self._arrays(_read_pickle(self.files[f]), self.files[f])
             except InrUsageError as e:  # the file changed since the listing
                 raise SourceItemError(key, str(e)) from None
             if data.shape[0] != self.starts[f + 1] - self.starts[f]:

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from inrfmt import siren
-from inrfmt.format import Architecture, InrWriter, WeightBatch
+from inrfmt.spec import Architecture, WeightBatch
+from inrfmt.writer import InrWriter
 
 SMALL_ARCH = Architecture(sine_layers=3, width=12)
 

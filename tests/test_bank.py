@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from inrfmt import siren
-from inrfmt.bank import TensorBank, layout_bytes
+from inrfmt.bank import TORCH_DTYPES, TensorBank, layout_bytes
 from inrfmt.decode import decode
 from inrfmt.errors import InrFormatError, InrUsageError
-from inrfmt.format import Architecture, InrFile, InrWriter, WeightBatch
+from inrfmt.reader import InrFile
+from inrfmt.spec import Architecture, WeightBatch
+from inrfmt.writer import InrWriter
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -95,14 +97,17 @@ def test_device_side_mask_expansion_equals_reader(tmp_path, hidden_dtype, prune,
     path = tmp_path / "d.inr"
     write_inr(path, arch, 9, hidden_dtype=hidden_dtype, prune=prune, chunk_images=4, float_dtype=float_dtype)
     with InrFile(path) as f:
-        reference = TensorBank.from_file(f, "cpu", layout="dense", expand_on_device=False)
-        bank = TensorBank.from_file(f, "cpu", layout="dense", expand_on_device=True, workers=2)
-    for name in ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b", "labels",
-                 "heights", "widths"):
-        assert torch.equal(getattr(bank, name), getattr(reference, name)), name
+        reference = f.read_images(np.arange(9))  # the reader's own (host) bitmap expansion
+        bank = TensorBank.from_file(f, "cpu", layout="dense", workers=2)
+        index = f.index
+    for name in ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b"):
+        np.testing.assert_array_equal(getattr(bank, name).float().numpy(), getattr(reference, name), err_msg=name)
+    assert bank.hidden_w.dtype == TORCH_DTYPES[hidden_dtype]
+    for name, field in (("labels", "label"), ("heights", "height"), ("widths", "width")):
+        assert getattr(bank, name).tolist() == index[field].tolist(), name
 
 
-def test_device_side_expansion_detects_mask_nnz_mismatch(tmp_path):
+def test_bank_load_rejects_a_payload_that_disagrees_with_the_index(tmp_path):
     arch = Architecture(sine_layers=2, width=8)
     path = tmp_path / "d.inr"
     write_inr(path, arch, 5, prune=0.3)
@@ -111,12 +116,48 @@ def test_device_side_expansion_detects_mask_nnz_mismatch(tmp_path):
         index = original.copy()
         index["nnz"][2] += 1  # a tampered index: chunk payload length no longer matches
         f.index = index
-        with pytest.raises(InrFormatError, match="payload is shorter"):
-            TensorBank.from_file(f, "cpu", expand_on_device=True)
-        index["nnz"][3] -= 1  # same total, but two masks disagree with their counts: found on the device
-        with pytest.raises(InrFormatError, match=r"index\[2\]\.nnz"):
-            TensorBank.from_file(f, "cpu", expand_on_device=True)
+        with pytest.raises(InrFormatError, match="does not match its layout"):
+            TensorBank.from_file(f, "cpu")
+        index["nnz"][3] -= 1  # same total, but two masks disagree with their counts
+        for layout in ("dense", "compact"):
+            with pytest.raises(InrFormatError, match=r"index\[2\]\.nnz"):
+                TensorBank.from_file(f, "cpu", layout=layout)
         f.index = original
+
+
+@pytest.mark.parametrize("extra", [b"\x00junk", "second frame"])
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_bank_loads_exactly_what_verify_accepts(tmp_path, monkeypatch, extra, layout):
+    # A chunk frame followed by more bytes (junk, or a whole second zstd frame) breaks the frame rules of
+    # FORMAT.md; the file's tables are consistent with it (the writer itself appended them), so only the
+    # chunk read can tell. verify() and every bank load go through the same check and must both refuse.
+    import zstandard
+
+    import inrfmt
+    from inrfmt import writer as writer_module
+
+    real = zstandard.ZstdCompressor
+
+    class Padded:
+        def __init__(self, level, **kw):
+            self.inner = real(level=level, **kw)
+
+        def compress(self, raw):
+            frame = self.inner.compress(raw)
+            return frame + (self.inner.compress(b"x" * 10) if extra == "second frame" else extra)
+
+    monkeypatch.setattr(writer_module.zstandard, "ZstdCompressor", Padded)
+    arch = Architecture(sine_layers=3, width=8)
+    path = tmp_path / "extra.inr"
+    write_inr(path, arch, 5, prune=0.3, chunk_images=2)
+    monkeypatch.undo()
+    with InrFile(path) as f:  # the structure is fine: frames are only decoded when read
+        with pytest.raises(InrFormatError, match=r"chunks\[0\]"):
+            f.verify()
+        with pytest.raises(InrFormatError, match=r"chunks\[0\]"):
+            TensorBank.from_file(f, "cpu", layout=layout)
+    with pytest.raises(InrFormatError, match=r"chunks\[0\]"):
+        inrfmt.open(path, device="cpu", bank_layout=layout)
 
 
 @pytest.mark.parametrize("sine_layers,width,prune,layout", [
@@ -180,15 +221,15 @@ def test_compact_bank_equals_dense_bank(tmp_path, hidden_dtype, prune, float_dty
     assert "compact" in repr(compact)
 
 
-@pytest.mark.parametrize("layout,expand_on_device", [("dense", False), ("dense", True), ("compact", None)])
-def test_float16_file_keeps_float16_in_the_bank(tmp_path, layout, expand_on_device):
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_float16_file_keeps_float16_in_the_bank(tmp_path, layout):
     # --float-dtype float16 files: first/last layers and biases stay float16 on the device (exact: the file
     # holds float16), so the bank stays about the file's size; the decoders upcast them.
     arch = Architecture(sine_layers=3, width=16)
     path = tmp_path / "d.inr"
     wb = write_inr(path, arch, 40, prune=0.1, chunk_images=16, float_dtype="float16")
     with InrFile(path) as f:
-        bank = TensorBank.from_file(f, "cpu", layout=layout, expand_on_device=expand_on_device)
+        bank = TensorBank.from_file(f, "cpu", layout=layout)
         assert bank.nbytes == layout_bytes(f)[layout]
         assert bank.nbytes <= 1.1 * f.file_bytes
         chunk = f.read_chunk(1)
@@ -267,7 +308,7 @@ def test_from_params_quantizes_and_validates():
                    hidden_scale=bank.hidden_scale, hidden_b=bank.hidden_b, last_w=bank.last_w, last_b=bank.last_b)
     with pytest.raises(InrUsageError, match="hidden_dtype"):
         TensorBank.from_params(p, arch, hidden_dtype="int4")
-    with pytest.raises(InrUsageError, match="not a valid torch device"):
+    with pytest.raises(InrUsageError, match="unknown device .gpu0."):
         TensorBank.from_file("unused.inr", device="gpu0")
 
 
@@ -284,12 +325,11 @@ def test_cuda_upload_equals_cpu_bank(tmp_path):
     path = tmp_path / "d.inr"
     write_inr(path, arch, 37, prune=0.2, chunk_images=8)
     cpu = TensorBank.from_file(path, "cpu", layout="dense")
-    for expand_on_device in (None, False):  # default (bitmaps expanded on the GPU) and host expansion
-        gpu = TensorBank.from_file(path, "cuda", layout="dense", expand_on_device=expand_on_device)
-        assert gpu.device.type == "cuda" and gpu.load_seconds > 0
-        for name in ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b", "labels",
-                     "heights", "widths"):
-            assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), (name, expand_on_device)
+    gpu = TensorBank.from_file(path, "cuda", layout="dense")
+    assert gpu.device.type == "cuda" and gpu.load_seconds > 0
+    for name in ("first_w", "first_b", "hidden_w", "hidden_scale", "hidden_b", "last_w", "last_b", "labels",
+                 "heights", "widths"):
+        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
     compact_cpu = TensorBank.from_file(path, "cpu", layout="compact")
     compact = TensorBank.from_file(path, "cuda", layout="compact")
     for name in compact._fields():

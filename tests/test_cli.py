@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inrfmt.format import InrFile
+from inrfmt.reader import InrFile
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "spec"

@@ -159,7 +159,7 @@ def test_empty_index_lists(uniform_path):
 def test_bank_layouts_decode_and_load_the_same(tmp_path):
     # A pruned file held dense and compact: identical pixels from decode, __getitem__ and the loader.
     from tests.test_bank import write_inr
-    from inrfmt.format import Architecture
+    from inrfmt.spec import Architecture
 
     path = tmp_path / "pruned.inr"
     write_inr(path, Architecture(sine_layers=6, width=24), 13, prune=0.4, chunk_images=5)

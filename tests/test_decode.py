@@ -8,9 +8,10 @@ import torch
 from inrfmt import decode as decode_mod
 from inrfmt import siren
 from inrfmt.bank import TensorBank
-from inrfmt.decode import benchmark, decode, decode_torch
+from inrfmt.bench import benchmark
+from inrfmt.decode import decode, decode_torch
 from inrfmt.errors import InrUsageError
-from inrfmt.format import Architecture
+from inrfmt.spec import Architecture
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,9 +10,12 @@ import torch
 from PIL import Image
 
 from inrfmt import siren
-from inrfmt.encode import (continuous_targets, convert, fit_images, fit_psnr, jitter_coords, prepare_batch,
-                           psnr_against, train_forward, train_round)
-from inrfmt.format import Architecture, InrFile
+from inrfmt.conversion import convert
+from inrfmt.fit import (continuous_targets, fit_images, fit_psnr, jitter_coords, prepare_batch, psnr_against,
+                        train_round)
+from inrfmt.siren import train_forward
+from inrfmt.reader import InrFile
+from inrfmt.spec import Architecture
 from inrfmt.presets import CIFAR10_RULE, Round, get_preset
 from inrfmt.quantize import dynamic_ratio, mask_ratio, prune_masks
 
@@ -100,9 +103,9 @@ def test_fit_images_writes_consistent_result_and_is_deterministic():
     images = sample_images(4, (12, 12))
     rounds = (Round(30, 5e-3), Round(10, 1e-3, "fixed", 0.2), Round(10, 1e-3, "dynamic"))
     rule = CIFAR10_RULE
-    r1 = fit_images(images, ARCH, rounds, prune_rule=rule, quant=8, seed=3, batch_index=7)
-    r2 = fit_images(images, ARCH, rounds, prune_rule=rule, quant=8, seed=3, batch_index=7)
-    r3 = fit_images(images, ARCH, rounds, prune_rule=rule, quant=8, seed=3, batch_index=8)
+    r1 = fit_images(images, ARCH, rounds, prune_rule=rule, hidden_dtype="int8", seed=3, batch_index=7)
+    r2 = fit_images(images, ARCH, rounds, prune_rule=rule, hidden_dtype="int8", seed=3, batch_index=7)
+    r3 = fit_images(images, ARCH, rounds, prune_rule=rule, hidden_dtype="int8", seed=3, batch_index=8)
     assert np.array_equal(r1.weights.hidden_w, r2.weights.hidden_w) and np.array_equal(r1.psnr, r2.psnr)
     assert not np.array_equal(r1.weights.first_w, r3.weights.first_w)
     wb = r1.weights
@@ -268,7 +271,7 @@ def test_jittered_fit_is_deterministic_per_seed():
     runs = [fit_images(images, ARCH, rounds, prune_rule=CIFAR10_RULE, seed=2, batch_index=b, jitter=j,
                        pixel_fraction=f) for b, j, f in [(0, 0.5, 1.0), (0, 0.5, 1.0), (1, 0.5, 1.0), (0, 0.0, 1.0),
                                                          (0, 1.0, 0.5), (0, 1.0, 0.5)]]
-    same = lambda r1, r2: all(np.array_equal(x, y) for x, y in zip(r1.weights._arrays(), r2.weights._arrays())
+    same = lambda r1, r2: all(np.array_equal(x, y) for x, y in zip(r1.weights.arrays(), r2.weights.arrays())
                               if x is not None)
     assert same(runs[0], runs[1]) and np.array_equal(runs[0].psnr, runs[1].psnr)
     assert same(runs[4], runs[5])

@@ -1,4 +1,4 @@
-"""inrfmt.format: write -> read roundtrips, merge, the atomic writer, and every malformed-file case."""
+"""inrfmt.reader and inrfmt.writer: write -> read roundtrips, merge, the atomic writer, and every malformed-file case."""
 import importlib.util
 import json
 import os
@@ -9,8 +9,9 @@ import pytest
 import zstandard
 
 from inrfmt.errors import InrFormatError, InrUsageError
-from inrfmt.format import (ALIGNMENT, CHUNK_DTYPE, FLOAT_DTYPES, HIDDEN_DTYPES, INDEX_DTYPE, MAGIC, MAX_HEADER_BYTES,
-                           PREAMBLE_DTYPE, PREAMBLE_SIZE, Architecture, InrFile, InrWriter, merge_files)
+from inrfmt.reader import InrFile
+from inrfmt.spec import ALIGNMENT, Architecture, CHUNK_DTYPE, FLOAT_DTYPES, HIDDEN_DTYPES, INDEX_DTYPE, MAGIC, MAX_HEADER_BYTES, PREAMBLE_DTYPE, PREAMBLE_SIZE
+from inrfmt.writer import InrWriter, merge_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("make_golden", os.path.join(ROOT, "tools", "make_golden.py"))
@@ -786,5 +787,5 @@ def test_float_offsets_are_refused(valid):
 def test_format_module_does_not_import_torch():
     import subprocess
     import sys
-    code = "import sys, inrfmt.format; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, inrfmt.reader, inrfmt.writer; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inrfmt.errors import InrFormatError
-from inrfmt.format import PREAMBLE_DTYPE, PREAMBLE_SIZE, Architecture, InrFile, InrWriter
+from inrfmt.reader import InrFile
+from inrfmt.spec import Architecture, PREAMBLE_DTYPE, PREAMBLE_SIZE
+from inrfmt.writer import InrWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("make_golden", os.path.join(ROOT, "tools", "make_golden.py"))

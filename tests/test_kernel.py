@@ -19,12 +19,12 @@ from inrfmt import siren  # noqa: E402
 from inrfmt.bank import TensorBank  # noqa: E402
 from inrfmt.decode import decode, decode_torch  # noqa: E402
 from inrfmt.errors import InrUsageError  # noqa: E402
-from inrfmt.format import Architecture  # noqa: E402
+from inrfmt.spec import Architecture  # noqa: E402
 from inrfmt.kernels import siren_decode  # noqa: E402
-from inrfmt.kernels.siren_decode import (compile_expand_for_target, compile_for_target, decode_triton,  # noqa: E402
-                                         expand_hidden)
+from inrfmt.kernels.siren_decode import decode_triton, expand_hidden  # noqa: E402
+from tools.kernel_compile import compile_expand_for_target, compile_for_target  # noqa: E402
 
-TOL = 2e-3  # max abs error on [0, 1] pixels (issue 3)
+TOL = 2e-3  # max abs error on [0, 1] pixels
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

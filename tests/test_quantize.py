@@ -72,7 +72,7 @@ def test_int8_quantization_error_bound():
     w = torch.randn(4, 3, 8, 8, generator=g) * torch.tensor([0.01, 0.1, 1.0])[None, :, None, None]
     w[1, 2] = 0.0  # an all-zero layer (fully pruned)
     w[2, 0, 0, :4] = 0.0  # pruned weights
-    q, scale = quantize_hidden(w, 8)
+    q, scale = quantize_hidden(w, "int8")
     assert q.dtype == torch.int8 and scale.shape == (4, 3)
     peak = w.abs().amax(dim=(2, 3))
     nz = peak > 0
@@ -87,13 +87,13 @@ def test_int8_quantization_error_bound():
 
 def test_float_quantization():
     w = torch.randn(2, 2, 4, 4)
-    q16, s16 = quantize_hidden(w, 16)
+    q16, s16 = quantize_hidden(w, "float16")
     assert q16.dtype == torch.float16 and torch.all(s16 == 1)
     assert torch.allclose(dequantize_hidden(q16, s16), w, rtol=1e-3, atol=1e-4)
-    q32, s32 = quantize_hidden(w, 32)
+    q32, s32 = quantize_hidden(w, "float32")
     assert q32.dtype == torch.float32 and torch.equal(dequantize_hidden(q32, s32), w)
     with pytest.raises(ValueError):
-        quantize_hidden(w, 4)
+        quantize_hidden(w, "int4")
 
 
 def test_preset_schedules():

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from inrfmt.format import InrFile, INDEX_DTYPE
+from inrfmt.reader import InrFile
+from inrfmt.spec import INDEX_DTYPE
 from tests.test_format import _set as header_edit  # set (or, value KeyError, delete) one header key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +122,7 @@ def schema_errors(value, schema, where="header"):
 
 
 def _golden_header(case):
-    from inrfmt.format import PREAMBLE_DTYPE, PREAMBLE_SIZE
+    from inrfmt.spec import PREAMBLE_DTYPE, PREAMBLE_SIZE
     data = open(os.path.join(SPEC, case + ".inr"), "rb").read()
     pre = np.frombuffer(data[:PREAMBLE_SIZE], PREAMBLE_DTYPE)[0]
     return data, json.loads(data[int(pre["header_offset"]):])
@@ -129,7 +130,7 @@ def _golden_header(case):
 
 def _with_header(data, header):
     import zlib
-    from inrfmt.format import PREAMBLE_DTYPE, PREAMBLE_SIZE
+    from inrfmt.spec import PREAMBLE_DTYPE, PREAMBLE_SIZE
     pre = np.frombuffer(data[:PREAMBLE_SIZE], PREAMBLE_DTYPE)[0].copy()
     raw = json.dumps(header).encode()
     offset = int(pre["header_offset"])

@@ -346,7 +346,7 @@ def main(argv=None) -> dict:
             print(f"accuracy.py: run {r + 1}/{args.repeats} {side}: test accuracy {result['test_accuracy']:.4f} "
                   f"({result['train_seconds']:.1f} s)", file=sys.stderr)
 
-    from inrfmt.format import InrFile
+    from inrfmt.reader import InrFile
     with InrFile(str(inr_path)) as f:
         file_bytes = f.file_bytes
         index_psnr = summarize(np.asarray(f.index["psnr"], dtype=np.float64))

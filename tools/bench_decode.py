@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Decode and load benchmarks for inrfmt, as JSON.
 
-Cases (issue 3 targets in brackets, on a GPU): 10x28 and 10x32 at 224^2 [>=150k img/s], 10x40 at 84^2 and
+Cases (targets in brackets, on a GPU): 10x28 and 10x32 at 224^2 [>=150k img/s], 10x40 at 84^2 and
 224^2 [>=60k at 224^2], 3x15 at 32^2 [>=10M img/s]; max abs error of each backend against the fp32 torch
 path [<=2e-3]; load GB/s of a synthetic .inr file into a TensorBank [>=2 GB/s] and bank/file bytes per image
 [<=1.1]. Banks hold random SIREN-initialised weights (int8 hidden layers, like a converted file).
@@ -33,8 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from inrfmt import siren  # noqa: E402
 from inrfmt.bank import TensorBank  # noqa: E402
-from inrfmt.decode import available_backends, benchmark, device_name  # noqa: E402
-from inrfmt.format import Architecture, InrFile, InrWriter, WeightBatch  # noqa: E402
+from inrfmt.bench import benchmark  # noqa: E402
+from inrfmt.decode import available_backends  # noqa: E402
+from inrfmt.device import describe  # noqa: E402
+from inrfmt.reader import InrFile  # noqa: E402
+from inrfmt.spec import Architecture, WeightBatch  # noqa: E402
+from inrfmt.writer import InrWriter  # noqa: E402
 
 FULL_CASES = [  # (sine_layers, width, size, batch)
     (10, 28, 224, 256),
@@ -159,8 +163,7 @@ def write_synthetic_inr(path, sine_layers, width, n, prune, seed=0):
 
 
 def load_case(device, sine_layers, width, n, prune, workdir):
-    """Write a synthetic file and load it: the default path (layout auto), then each layout explicitly, and on
-    CUDA the host-side bitmap expansion for comparison."""
+    """Write a synthetic file and load it: the default path (layout auto), then each layout explicitly."""
     from inrfmt.bank import auto_layout
 
     path = os.path.join(workdir, f"bench_{sine_layers}x{width}_{n}.inr")
@@ -173,8 +176,6 @@ def load_case(device, sine_layers, width, n, prune, workdir):
         auto = auto_layout(f)
         TensorBank.from_file(f, device)  # warm-up: page cache, CUDA context, allocator
         paths = [("default", dict()), ("dense", dict(layout="dense")), ("compact", dict(layout="compact"))]
-        if device.type == "cuda":
-            paths.append(("host-expansion", dict(layout="dense", expand_on_device=False)))
         for name, kwargs in paths:
             bank = TensorBank.from_file(f, device, **kwargs)
             rows.append({"arch": f"{sine_layers}x{width}", "images": n, "prune": prune, "path": name,
@@ -191,7 +192,7 @@ def load_case(device, sine_layers, width, n, prune, workdir):
     return rows
 
 
-# Issue 3's decode targets (img/s, triton backend on a GPU) by (net, output size), and its other bounds.
+# Decode targets (img/s, triton backend on a GPU) by (net, output size), and the other bounds.
 DECODE_TARGETS = {("10x28", "224x224"): 150e3, ("10x32", "224x224"): 150e3, ("10x40", "224x224"): 60e3,
                   ("3x15", "32x32"): 10e6}
 MAX_ABS_ERR = 2e-3
@@ -264,7 +265,7 @@ def main(argv=None):
     result = {
         "tool": "tools/bench_decode.py",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device),
+        "device": describe(device),
         "host": platform.node(),
         "torch": torch.__version__,
         "quick": quick,

@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inrfmt import siren  # noqa: E402
-from inrfmt.encode import _per_image_loss, fit_psnr, prepare_batch, train_round  # noqa: E402
-from inrfmt.format import Architecture  # noqa: E402
+from inrfmt.fit import fit_psnr, per_image_loss, prepare_batch, train_round  # noqa: E402
+from inrfmt.device import model_name  # noqa: E402
+from inrfmt.spec import Architecture  # noqa: E402
 
 # SxW@SIZE:BATCH:STEPS[:LR]. Deep nets get the paper's lr: at 2e-3 a 10-layer SIREN fitted on 25% of the
 # pixels per step does not converge (measured on CPU, 10x28 @ 64^2).
@@ -81,7 +82,7 @@ def run(config: str, device: torch.device, lr: float, pixel_fraction: float, tf3
               "steps": steps, "lr": lr, "pixel_fraction": pixel_fraction, "jitter": jitter, "tf32": tf32,
               "compile": compile_}
     try:
-        loss = torch.compile(_per_image_loss, dynamic=False) if compile_ else None
+        loss = torch.compile(per_image_loss, dynamic=False) if compile_ else None
         # Warm-up on a throwaway copy (allocator, kernels, compilation), then the timed fit from init.
         scratch = siren.SirenParams(*(t.detach().clone().requires_grad_(True) for t in params))
         train_round(scratch, fit, arch, steps=warmup, lr=lr, pixel_fraction=pixel_fraction, jitter=jitter,
@@ -121,7 +122,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("CUDA is not available")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = model_name(device)
     header = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     runs = []

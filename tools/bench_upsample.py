@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from inrfmt.data import open as open_dataset  # noqa: E402
-from inrfmt.encode import _cpu_name, convert  # noqa: E402
-from inrfmt.format import InrFile  # noqa: E402
+from inrfmt.conversion import convert  # noqa: E402
+from inrfmt.device import model_name  # noqa: E402
+from inrfmt.reader import InrFile  # noqa: E402
 from inrfmt.sources import open_source  # noqa: E402
 from bench_encode import photo_crops  # noqa: E402  (tools/bench_encode.py: random crops of data/photos)
 
@@ -117,7 +118,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     scales = [int(s) for s in args.scales.split(",")]
     dev = torch.device(args.device)
-    header = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (_cpu_name() or "cpu"),
+    header = {"device": model_name(dev),
               "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__}
     if args.photos:

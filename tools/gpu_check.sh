@@ -14,7 +14,7 @@
 # 130 + 70 + 190 = 540 s at most, plus up to 10 s each to kill a stage) so the whole run fits one 10-minute
 # device call (timeout_s=600); the benchmarks write their JSON as they go, so a stage stopped at its limit
 # keeps what it measured. Python: $PYTHON or python3. Wheels of missing packages (e.g.
-# zstandard, which format.py needs) may be carried in .whl/ and are installed into /tmp/site first.
+# zstandard, which the reader needs) may be carried in .whl/ and are installed into /tmp/site first.
 # GPU_CHECK_QUICK=1: tiny sizes for the decode and encode stages (a smoke run of this script; on a machine
 # without CUDA it runs them on the CPU - tests/test_tools.py does that with the pytest and decode stages).
 set -u -o pipefail
@@ -55,7 +55,7 @@ EOF
 } > "$OUT_DIR/env.txt"
 cat "$OUT_DIR/env.txt" | tee -a "$LOG"
 
-if ! "$PY" -c "import inrfmt.format, inrfmt.decode" >>"$LOG" 2>&1; then
+if ! "$PY" -c "import inrfmt.reader, inrfmt.decode" >>"$LOG" 2>&1; then
     log "inrfmt does not import with $PY (see above). zstandard is not in the GPU image: carry its wheel in"
     log ".whl/ (pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64"
     log " -d .whl zstandard) and name .whl in the device call's carry."

@@ -19,7 +19,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from inrfmt.format import Architecture, InrFile, InrWriter, WeightBatch  # noqa: E402
+from inrfmt.reader import InrFile  # noqa: E402
+from inrfmt.spec import Architecture, WeightBatch  # noqa: E402
+from inrfmt.writer import InrWriter  # noqa: E402
 
 PIXEL_ATOL = 1e-4  # float32 reader + float32/float16-accumulating decoders vs the float64 reference
 

@@ -41,19 +41,11 @@ def run_main(main, prog: str) -> None:
 
 # ------------------------------------------------------------------------------------------ environment
 def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        fields = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-        name = fields.get("model name", "")
-        family, model = fields.get("cpu family"), fields.get("model")
-        if family and model:
-            name += f" (family {family}, model {model})"
-        return name or platform.processor() or "unknown CPU"
-    except OSError:
-        return platform.processor() or "unknown CPU"
+    """The CPU model (inrfmt.device.cpu_name)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from inrfmt.device import cpu_name
+
+    return cpu_name()
 
 
 def environment(device: str | None = None) -> dict:
@@ -71,7 +63,9 @@ def environment(device: str | None = None) -> dict:
         if device is not None:
             env["device"] = str(device)
             if str(device).startswith("cuda") and torch.cuda.is_available():
-                env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+                from inrfmt.device import model_name
+
+                env["gpu"] = model_name(device)
     except ImportError:
         pass
     try:

@@ -144,7 +144,7 @@ def inr_point(png_tree: Path, samples, preset: str, steps: int | None, variant: 
     psnrs = decoded_psnrs(out, samples, args.device_resolved)
     file_bytes = out.stat().st_size
     pixels = sum(img.shape[0] * img.shape[1] for _, img, _ in samples)
-    from inrfmt.format import InrFile
+    from inrfmt.reader import InrFile
     with InrFile(str(out)) as f:
         prune_ratio = float(np.mean(f.index["prune_ratio"])) if f.num_images else 0.0
         arch = f"{f.arch.sine_layers}x{f.arch.width}"

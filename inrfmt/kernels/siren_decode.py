@@ -14,13 +14,9 @@ bitmap bits -> prefix count -> gather of the kept values) and read by batch posi
 
 Width: tl.dot needs power-of-two dims >= 16, so the W units are held as one block of the next power of two
 or, when narrower, two blocks (width 40 -> 32 + 16 instead of 64; see width_blocks). Every weight load is
-masked with `row < WIDTH and col < WIDTH`, and addresses use the true row stride WIDTH. The prototype's
-illegal memory access at width 40 -> 64 came from loading the padded [64, 64] block of a 40x40 matrix
-unmasked (or with the padded row stride): the last image's last layer then reads up to 63*40+63 elements
-past its start, ~1 KB beyond the end of the allocation (at width 28 -> 32 the overrun is ~100 bytes and hid
-inside allocator slack). Here padded rows/cols are never read (the tests poison the memory after every bank
-tensor to prove it). Image offsets are int64 so banks with N*H*W*W >= 2^31 elements are addressed
-correctly, and an out-of-range image index writes NaN instead of reading outside the bank.
+masked with `row < WIDTH and col < WIDTH` and uses the true row stride WIDTH, so padded rows and columns
+are never read. Image offsets are int64 (banks with N*H*W*W >= 2^31 elements), and an out-of-range image
+index writes NaN instead of reading outside the bank.
 
 Sine: FAST_SIN selects `sin.approx.f32` (inline PTX; GPU only), by default after a Cody-Waite range
 reduction to [-pi, pi] (sin.approx loses accuracy for large arguments), else tl.sin (libdevice on GPU;
@@ -31,13 +27,12 @@ triton's CPU interpreter is decided by TRITON_INTERPRET at that moment, not at i
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..decode import parse_size, prepare_indices, prepare_out, prepare_theta
+from ..decode_args import parse_size, prepare_indices, prepare_out, prepare_theta
+from ..device import triton_interpreted
 from ..errors import InrUsageError
 
 OUT_PAD = 16  # the 3 output channels padded for tl.dot
@@ -228,10 +223,6 @@ _KERNELS: dict[bool, tuple] = {}
 _EXPAND_KERNELS: dict[bool, tuple] = {}
 
 
-def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def _kernel(interpret: bool):
     """(kernel, sine helper) for the current mode; triton.jit reads TRITON_INTERPRET when it wraps. The
     interpreter runs the kernel as Python, so its helper is the plain function."""
@@ -262,7 +253,7 @@ def expand_hidden(bank, idx: torch.Tensor) -> torch.Tensor:
     if bank.hidden_values.numel() == 0:  # everything pruned: nothing to read
         return out.zero_()
     total = bank.hidden_total
-    kernel, add = _expand_kernel(interpret_mode())
+    kernel, add = _expand_kernel(triton_interpreted())
     args = (idx, bank.hidden_masks, bank.hidden_offsets, bank.hidden_values, out, bank.num_images,
             bank.hidden_masks.shape[1])
     meta = dict(TOTAL=total, BLOCK=min(EXPAND_BLOCK, triton.next_power_of_2(total)), INTERPRETED=add is not None,
@@ -311,7 +302,7 @@ def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.floa
     ("ieee") for exactness checks. split_width=False pads the width to one power of two instead of two
     blocks (see width_blocks). block_pixels/num_warps override the tile config.
     """
-    interpret = interpret_mode()
+    interpret = triton_interpreted()
     device = bank.device
     if device.type != "cuda" and not interpret:
         raise InrUsageError(f"the triton decoder needs a CUDA bank (this bank is on {device}); "
@@ -369,49 +360,3 @@ def _constexprs(width, hidden_layers, block_pixels, has_theta, fast_sin, range_r
     return dict(WIDTH=int(width), WA=wa, WB=wb, NUM_HIDDEN=int(hidden_layers), OUT_PAD=OUT_PAD,
                 BLOCK_P=int(block_pixels), HAS_THETA=bool(has_theta), FAST_SIN=bool(fast_sin),
                 RANGE_REDUCE=bool(range_reduce), FP16_DOT=bool(fp16_dot), HIDDEN_BY_BATCH=bool(hidden_by_batch))
-
-
-_TRITON_TYPES = {"int8": "i8", "float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
-
-
-def compile_for_target(width, hidden_layers, *, capability=90, hidden_dtype="int8", out_dtype="float32",
-                       block_pixels=None, num_warps=None, has_theta=True, fast_sin=True, range_reduce=None,
-                       fp16_dot=True, split_width=True, hidden_by_batch=False, float_dtype="float32"):
-    """Compile the kernel ahead of time for an NVIDIA GPU of `capability` (e.g. 80, 90) without needing one.
-
-    Returns triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata). Used by the tests to check on
-    CPU-only machines that every configuration compiles, and to inspect register use.
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    default_pixels, default_warps = default_config(width, split_width)
-    meta = _constexprs(width, hidden_layers, block_pixels or default_pixels, has_theta, fast_sin,
-                       fast_sin if range_reduce is None else range_reduce, fp16_dot, split_width, hidden_by_batch)
-    fptr = "*" + _TRITON_TYPES[float_dtype]
-    signature = {"idx_ptr": "*i64", "theta_ptr": "*fp32", "out_ptr": "*" + _TRITON_TYPES[out_dtype],
-                 "first_w_ptr": fptr, "first_b_ptr": fptr, "hidden_w_ptr": "*" + _TRITON_TYPES[hidden_dtype],
-                 "hidden_scale_ptr": "*fp32", "hidden_b_ptr": fptr, "last_w_ptr": fptr, "last_b_ptr": fptr,
-                 "num_images": "i32", "out_h": "i32", "out_w": "i32", "tiles_per_image": "i32",
-                 "stride_ob": "i32", "stride_oc": "i32", "stride_oh": "i32", "stride_ow": "i32",
-                 "first_w0": "fp32", "w0": "fp32", "invalid_value": "fp32"}
-    meta["SINE"] = triton.jit(_sine)
-    signature.update({name: "constexpr" for name in meta})
-    source = ASTSource(triton.jit(_siren_decode_kernel), signature, constexprs=meta)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps or default_warps})
-
-
-def compile_expand_for_target(total, *, capability=90, hidden_dtype="int8"):
-    """Compile the compact-bank expansion kernel ahead of time for `capability` (see compile_for_target)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    meta = dict(TOTAL=int(total), BLOCK=min(EXPAND_BLOCK, triton.next_power_of_2(total)), INTERPRETED=False,
-                ADD=None)
-    signature = {"idx_ptr": "*i64", "masks_ptr": "*u8", "offsets_ptr": "*i64",
-                 "values_ptr": "*" + _TRITON_TYPES[hidden_dtype], "out_ptr": "*" + _TRITON_TYPES[hidden_dtype],
-                 "num_images": "i32", "mask_row_bytes": "i32"}
-    signature.update({name: "constexpr" for name in meta})
-    source = ASTSource(triton.jit(_expand_hidden_kernel), signature, constexprs=meta)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})

@@ -1,0 +1,464 @@
+"""`convert`: encode every image of a source into one .inr file, batch by batch, resumably.
+
+Finished batches are written as small part files into a work directory beside OUT (`workdir.WorkDir`);
+OUT is made from them by `writer.merge_files` (temp + fsync + rename) and the work directory is then
+removed. `resume=True` reuses valid parts written with the same settings. A bad source item is skipped
+with a warning naming it and listed in the metadata key "skipped" (JSON list of {"key", "reason"}), or
+with on_error="fail" stops the run with an InrUsageError naming it. Shards and torchrun: `shards`.
+
+Metadata (all strings): encoder, preset, steps (round 1), schedule, seed, source, source_kind, device,
+batch_size, max_side, pixel_fraction, jitter, tf32, prune, prune_rule, quant, torch_version, skipped;
+and unless `reproducible`: created, device_name, img_steps, img_steps_per_s, encode_seconds.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from . import device as devices
+from .checks import check_choice, check_fraction, check_int
+from .errors import InrUsageError
+from .fit import cap_size, fit_images, per_image_loss
+from .presets import PRESETS, Preset, Round, get_preset
+from .quantize import HIDDEN_DTYPE_OF_BITS
+from .shards import (distributed_rank, file_summary, merge, parse_shard, part_path, reuse_shard_file,
+                     shard_batches, wait_for_parts)
+from .spec import FLOAT_DTYPES
+from .workdir import WorkDir, check_out, json_text, settings_hash
+from .writer import InrWriter, merge_files
+
+# Fitting images above this many pixels (without --max-side) gets a one-time hint.
+LARGE_FIT_PIXELS = 1024 * 1024
+# Settings that may differ between the machines of one sharded run without changing its output.
+_PER_MACHINE_SETTINGS = ("shard", "source", "device", "tf32", "torch_compile")
+
+
+class LoadedItem(NamedTuple):
+    """One readable source item: `original` pixels (the index PSNR is measured on them) and `fit_image`
+    (the same image capped to max_side, what the network is fitted to)."""
+
+    index: int
+    key: str
+    label: int
+    original: np.ndarray
+    fit_image: np.ndarray
+
+
+class BadItem(NamedTuple):
+    index: int
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides what a convert writes, resolved and validated (see `convert`)."""
+
+    preset: Preset
+    schedule: tuple[Round, ...]
+    batch_size: int
+    seed: int
+    device: torch.device
+    max_side: int | None
+    pixel_fraction: float
+    jitter: float
+    tf32: bool
+    quant: int
+    prune: bool
+    float_dtype: str
+    torch_compile: bool
+    shard: tuple[int, int] | None
+
+    @property
+    def hidden_dtype(self) -> str:
+        return HIDDEN_DTYPE_OF_BITS[self.quant]
+
+    @property
+    def has_masks(self) -> bool:
+        return self.prune and any(r.prune != "none" for r in self.schedule)
+
+    def record(self, src, source) -> dict:
+        """The JSON record kept in the work directory; a resume must match it exactly."""
+        n = len(source)
+        return {
+            "settings_version": 1,
+            "source": os.path.abspath(os.fspath(src)) if not isinstance(src, (list, tuple))
+            else [os.path.abspath(os.fspath(p)) for p in src],
+            "source_kind": getattr(source, "kind", type(source).__name__),
+            "source_items": n,
+            "source_first_key": source.key(0) if n else None,
+            "source_last_key": source.key(n - 1) if n else None,
+            "classes": list(source.classes),
+            "preset": self.preset.name,
+            "arch": asdict(self.preset.arch),
+            "schedule": [asdict(r) for r in self.schedule],
+            "prune_rule": asdict(self.preset.prune_rule) if self.preset.prune_rule else None,
+            "prune": self.prune,
+            "quant": self.quant,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "device": self.device.type,
+            "max_side": self.max_side,
+            "pixel_fraction": self.pixel_fraction,
+            "jitter": self.jitter,
+            "tf32": self.tf32,
+            "shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}",
+            "torch_compile": self.torch_compile,
+            "float_dtype": self.float_dtype,
+        }
+
+
+def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="auto", seed=0,
+            overwrite=False, resume=False, max_side=None, on_error="skip", shard=None,
+            prune=True, quant=8, reproducible=False, progress=True, h5_images=None, h5_labels=None,
+            pixel_fraction=None, jitter=None, tf32=None, torch_compile=False, float_dtype="float32") -> dict:
+    """Encode every image of SRC (see `sources.open_source`) into the .inr file OUT.
+
+    preset: a preset name or `presets.Preset`; steps: round-1 steps (later rounds scale by the same
+    factor); batch_size: images fitted at once (None: the preset's for the device); shard: "K/N" to
+    encode only that share into a part file; prune=False keeps only round 1; quant: bits of the hidden
+    weights (8 = int8 with per-image per-layer scales, 16/32 = float); pixel_fraction: fraction of each
+    image's pixels fitted per step; jitter: fraction of the samples moved to a random point of their
+    pixel cell (None: the preset's); tf32: TF32 matmuls on CUDA (None: the preset's); torch_compile:
+    compile the loss; float_dtype: storage of the first/last layers and biases ("float32" or "float16");
+    reproducible: leave timing and host keys out of the metadata.
+
+    Returns a summary dict: out, num_images, skipped, skipped_items, psnr_mean, prune_ratio_mean,
+    img_steps_per_s, fit_seconds, seconds, batches, batches_encoded, batches_reused, shard, rank."""
+    t_start = time.perf_counter()
+    preset_obj = get_preset(preset) if isinstance(preset, str) else preset
+    if not isinstance(preset_obj, Preset):
+        raise InrUsageError(f"unknown preset {preset!r} (choose from: {', '.join(PRESETS)})")
+    steps = None if steps is None else check_int("steps", steps, 1)
+    batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)
+    max_side = None if max_side is None else check_int("max_side", max_side, 1)
+    seed = check_int("seed", seed)
+    check_choice("on_error", on_error, ("skip", "fail"))
+    if quant not in HIDDEN_DTYPE_OF_BITS:
+        raise InrUsageError(f"quant must be one of {', '.join(map(str, HIDDEN_DTYPE_OF_BITS))}, got {quant!r}")
+    check_choice("float_dtype", float_dtype, FLOAT_DTYPES)
+    if pixel_fraction is not None:
+        pixel_fraction = check_fraction("pixel_fraction", pixel_fraction, zero_ok=False)
+    if jitter is not None:
+        jitter = check_fraction("jitter", jitter, what="the fraction of fitting samples jittered")
+    shard_kn = parse_shard(shard)
+    dist_info = None if shard_kn is not None else distributed_rank()
+    dev = devices.resolve(device, local_rank=dist_info[2] if dist_info else None)
+    if dist_info is not None and dev.type == "cuda":
+        torch.cuda.set_device(dev)  # one GPU per rank; also the default for any tensor made without a device
+
+    out_path = Path(os.fspath(out))
+    check_out(out_path, overwrite)
+    if src is None or (not isinstance(src, (list, tuple)) and not os.path.exists(os.fspath(src))):
+        raise InrUsageError(f"SRC not found: {src}")
+    from .sources import open_source
+
+    source = open_source(src, h5_images=h5_images, h5_labels=h5_labels)
+
+    rank = None
+    target = out_path  # the file this process writes
+    if dist_info is not None:
+        rank, world, _ = dist_info
+        shard_kn = (rank, world)
+        target = Path(part_path(out_path, rank, world))
+        check_out(target, overwrite or resume, "part file")
+    settings = Settings(
+        preset=preset_obj, schedule=preset_obj.schedule(steps, prune=prune),
+        batch_size=batch_size or preset_obj.batch_size(dev.type), seed=seed, device=dev, max_side=max_side,
+        pixel_fraction=float(pixel_fraction or preset_obj.pixel_fraction(dev.type)),
+        jitter=float(preset_obj.jitter if jitter is None else jitter),
+        tf32=(preset_obj.tf32 if tf32 is None else bool(tf32)) and dev.type == "cuda",
+        quant=int(quant), prune=bool(prune), float_dtype=float_dtype, torch_compile=bool(torch_compile),
+        shard=shard_kn)
+    record = settings.record(src, source)
+    run_hash = settings_hash({k: v for k, v in record.items() if k not in _PER_MACHINE_SETTINGS})
+    metadata = _base_metadata(settings, record, src, reproducible)
+    if shard_kn is not None:
+        metadata.update(shard=f"{shard_kn[0]}/{shard_kn[1]}", settings_hash=run_hash)
+
+    # A finished part of a torchrun rank (resume after rank 0 died in the merge) is not redone.
+    summary = None
+    if dist_info is not None and resume and target.exists():
+        summary = reuse_shard_file(target, run_hash, shard_kn)
+    if summary is None:
+        work = WorkDir.open(target, record, overwrite=overwrite, resume=resume)
+        summary = _Encoder(settings, source, target, work, record, metadata, on_error=on_error,
+                           resume=resume, reproducible=reproducible, progress=progress).run()
+    summary["rank"] = rank
+    if dist_info is not None and rank == 0:
+        world = dist_info[1]
+        parts = [part_path(out_path, r, world) for r in range(world)]
+        wait_for_parts(parts, run_hash, world, progress)
+        merge(out_path, parts, overwrite=overwrite, reproducible=reproducible)
+        for p in parts:
+            os.unlink(p)
+        summary.update(file_summary(out_path))
+        summary["out"] = str(out_path)
+    summary["seconds"] = time.perf_counter() - t_start
+    return summary
+
+
+class _Encoder:
+    """One process's share of a convert: its batches, fitted into the work directory, then merged."""
+
+    def __init__(self, settings: Settings, source, target: Path, work: WorkDir, record: dict, metadata: dict, *,
+                 on_error: str, resume: bool, reproducible: bool, progress: bool):
+        self.settings, self.source, self.target, self.work = settings, source, target, work
+        self.record, self.metadata = record, metadata
+        self.on_error, self.resume, self.reproducible, self.show_progress = on_error, resume, reproducible, progress
+        self.part_hash = settings_hash(record)
+        n_items, size = len(source), settings.batch_size
+        self.num_items = n_items
+        self.batches = shard_batches(-(-n_items // size), settings.shard)
+        self.ranges = {b: (b * size, min(n_items, (b + 1) * size)) for b in self.batches}
+
+    def run(self) -> dict:
+        s = self.settings
+        infos: dict[int, dict] = {}
+        todo = []
+        for b in self.batches:
+            info = self.work.valid_part(b, self.part_hash, *self.ranges[b]) if self.resume else None
+            if info is not None:
+                infos[b] = info
+            else:
+                todo.append(b)
+        progress = _Progress(self, infos)
+        prev_precision = torch.get_float32_matmul_precision()
+        if s.tf32:
+            torch.set_float32_matmul_precision("high")
+        compiled_loss = torch.compile(per_image_loss) if s.torch_compile else None
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="inrfmt-load")
+        try:
+            futures = {}
+
+            def submit(pos):
+                if pos < len(todo) and todo[pos] not in futures:
+                    futures[todo[pos]] = pool.submit(_load_batch, self.source, *self.ranges[todo[pos]], s.max_side)
+
+            submit(0)
+            for pos, b in enumerate(todo):
+                good, bad = futures.pop(b).result()
+                submit(pos + 1)  # the next batch loads while this one fits
+                self._report_bad(bad, infos, progress)
+                infos[b] = self._encode_batch(b, good, bad, progress, compiled_loss)
+                progress.batch_done(infos[b], *self.ranges[b])
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_float32_matmul_precision(prev_precision)
+            progress.close()
+        return self._finish(infos, encoded=len(todo))
+
+    def _report_bad(self, bad: list[BadItem], infos: dict, progress: "_Progress") -> None:
+        for item in bad:
+            if self.on_error == "fail":
+                where = self.record["source"] if isinstance(self.record["source"], str) else "SRC"
+                if infos:  # keep finished work for --resume; nothing else is left behind
+                    kept = f"finished batches are kept in {self.work.path}: rerun with --resume after fixing it"
+                else:
+                    self.work.remove()
+                    kept = "no output written"
+                raise InrUsageError(f"bad image {item.key} in {where}: {item.reason} (stopped by --on-error fail; "
+                                    f"{kept}; --on-error skip skips such files)")
+            progress.write(f"inrfmt: warning: skipping {item.key}: {item.reason}")
+
+    def _encode_batch(self, b: int, good: list[LoadedItem], bad: list[BadItem], progress: "_Progress",
+                      compiled_loss) -> dict:
+        """Fit batch b's readable images and write its part file and info; returns the info."""
+        s = self.settings
+        progress.warn_large(good)
+        start, stop = self.ranges[b]
+        t0 = time.perf_counter()
+        result = None
+        if good:
+            result = fit_images([g.fit_image for g in good], s.preset.arch, s.schedule,
+                                prune_rule=s.preset.prune_rule, hidden_dtype=s.hidden_dtype, seed=s.seed,
+                                batch_index=b, device=s.device, pixel_fraction=s.pixel_fraction, jitter=s.jitter,
+                                originals=[g.original for g in good], on_step=progress.step_callback(len(good), t0),
+                                compiled_loss=compiled_loss, float_dtype=s.float_dtype)
+        info = {
+            "batch": b, "start": start, "stop": stop, "settings_hash": self.part_hash,
+            "num_images": len(good),
+            "skipped": [{"key": item.key, "reason": item.reason} for item in bad],
+            "psnr_sum": float(np.sum(result.psnr.astype(np.float64))) if result else 0.0,
+            "img_steps": int(result.img_steps) if result else 0,
+            "seconds": time.perf_counter() - t0,
+        }
+        self.work.write_info(b, info)
+        with self._writer(self.work.part_file(b), metadata={}) as writer:
+            if result is not None:
+                weights = result.weights
+                if not s.has_masks:
+                    weights.mask = None
+                writer.add(weights, labels=[g.label for g in good],
+                           heights=[g.original.shape[0] for g in good], widths=[g.original.shape[1] for g in good],
+                           psnr=np.nan_to_num(result.psnr, nan=0.0, posinf=99.0, neginf=0.0),
+                           prune_ratio=result.prune_ratio if s.has_masks else np.zeros(len(good)))
+        return info
+
+    def _writer(self, path, metadata: dict) -> InrWriter:
+        s = self.settings
+        return InrWriter(path, s.preset.arch, hidden_dtype=s.hidden_dtype, float_dtype=s.float_dtype,
+                         has_masks=s.has_masks, classes=self.source.classes, metadata=metadata)
+
+    def _finish(self, infos: dict, encoded: int) -> dict:
+        """Merge the parts into the target file; the summary of the run."""
+        s = self.settings
+        ordered = [infos[b] for b in self.batches]
+        skipped = [item for info in ordered for item in info["skipped"]]
+        num_images = sum(info["num_images"] for info in ordered)
+        if num_images == 0 and s.shard is None:
+            self.work.remove()
+            raise InrUsageError(f"no readable images in SRC {self.record['source']} ({len(skipped)} skipped)")
+        total_seconds = sum(info["seconds"] for info in ordered)
+        total_img_steps = sum(info["img_steps"] for info in ordered)
+        rate = total_img_steps / total_seconds if total_seconds > 0 else float("nan")
+        meta = dict(self.metadata)
+        meta["skipped"] = json_text(skipped)
+        if s.shard is not None:
+            first, stop = self.batches.start, self.batches.stop
+            meta["shard_items"] = f"{min(self.num_items, first * s.batch_size)}:{min(self.num_items, stop * s.batch_size)}"
+            meta["source_items"] = str(self.num_items)
+        if not self.reproducible:
+            meta["img_steps_per_s"] = f"{rate:.1f}"
+            meta["encode_seconds"] = f"{total_seconds:.3f}"
+            meta["img_steps"] = str(total_img_steps)
+        if len(self.batches):
+            merge_files([self.work.part_file(b) for b in self.batches], self.target, metadata=meta)
+        else:  # an empty shard (more shards than batches) still gets its part file
+            with self._writer(self.target, metadata=meta):
+                pass
+        self.work.remove()
+        summary = file_summary(self.target)
+        summary.update(out=str(self.target), batches=len(self.batches), batches_encoded=encoded,
+                       batches_reused=len(self.batches) - encoded, img_steps_per_s=rate, fit_seconds=total_seconds,
+                       shard=None if s.shard is None else f"{s.shard[0]}/{s.shard[1]}")
+        return summary
+
+
+class _Progress:
+    """The progress bar of a convert: images done, fitting rate and running PSNR (on stderr)."""
+
+    def __init__(self, encoder: _Encoder, reused: dict):
+        from tqdm.auto import tqdm
+
+        s = encoder.settings
+        self.enabled = encoder.show_progress
+        self.steps_per_image = sum(r.steps for r in s.schedule)
+        total = sum(stop - start for start, stop in encoder.ranges.values())
+        name = f"convert {s.preset.name}" + (f" shard {s.shard[0]}/{s.shard[1]}" if s.shard else "")
+        self.bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not self.enabled, dynamic_ncols=True,
+                        desc=name, smoothing=0.1)
+        self.psnr_sum = sum(i["psnr_sum"] for i in reused.values())
+        self.psnr_count = sum(i["num_images"] for i in reused.values())
+        self.bar.update(sum(encoder.ranges[b][1] - encoder.ranges[b][0] for b in reused))
+        self.fit_seconds = 0.0
+        self.fit_img_steps = 0
+        self.warned_large = False
+
+    def write(self, line: str) -> None:
+        self.bar.write(line, file=sys.stderr)
+
+    def warn_large(self, good: list[LoadedItem]) -> None:
+        big = [g for g in good if g.fit_image.shape[0] * g.fit_image.shape[1] > LARGE_FIT_PIXELS]
+        if big and not self.warned_large:
+            h, w = big[0].fit_image.shape[:2]
+            self.write(f"inrfmt: warning: {big[0].key} is fitted at {w}x{h}; large images fit slowly and need "
+                       f"much memory: consider --max-side (e.g. 256)")
+            self.warned_large = True
+
+    def step_callback(self, n_images: int, t0: float):
+        """on_step for fit_images: refresh the rate at most once a second."""
+        last = [t0]
+
+        def on_step(k):
+            now = time.perf_counter()
+            if self.enabled and now - last[0] > 1.0:
+                last[0] = now
+                rate = (self.fit_img_steps + n_images * k) / max(1e-9, self.fit_seconds + now - t0)
+                self.bar.set_postfix_str(self._postfix(rate, f"batch {k}/{self.steps_per_image}"))
+
+        return on_step
+
+    def batch_done(self, info: dict, start: int, stop: int) -> None:
+        self.fit_seconds += info["seconds"]
+        self.fit_img_steps += info["img_steps"]
+        self.psnr_sum += info["psnr_sum"]
+        self.psnr_count += info["num_images"]
+        self.bar.update(stop - start)
+        self.bar.set_postfix_str(self._postfix(self.fit_img_steps / max(1e-9, self.fit_seconds)))
+
+    def _postfix(self, rate: float, extra: str = "") -> str:
+        text = f"{rate:,.0f} {_rate_unit()}"
+        if self.psnr_count:
+            text += f", PSNR {self.psnr_sum / self.psnr_count:.2f} dB"
+        return text + (f", {extra}" if extra else "")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _rate_unit() -> str:
+    try:  # "img·steps/s" where stderr can show it (a C-locale terminal may not)
+        "·".encode(getattr(sys.stderr, "encoding", None) or "ascii")
+        return "img·steps/s"
+    except (UnicodeEncodeError, LookupError):
+        return "img-steps/s"
+
+
+def _load_batch(source, start: int, stop: int, max_side: int | None) -> tuple[list[LoadedItem], list[BadItem]]:
+    """Items [start, stop) of `source`, read (and capped to max_side) by the prefetch thread."""
+    from .sources import SourceItemError
+
+    good, bad = [], []
+    for i in range(start, stop):
+        try:
+            sample = source.load(i)
+            image = np.ascontiguousarray(sample.image)
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+                raise SourceItemError(sample.key, f"source gave an array of shape {image.shape} {image.dtype}")
+            good.append(LoadedItem(i, sample.key, int(sample.label), image, cap_size(image, max_side)))
+        except SourceItemError as e:
+            bad.append(BadItem(i, e.key, e.reason))
+    return good, bad
+
+
+def _base_metadata(settings: Settings, record: dict, src, reproducible: bool) -> dict:
+    from . import __version__
+
+    dev = settings.device
+    meta = {
+        "encoder": f"inrfmt {__version__}",
+        "preset": settings.preset.name,
+        "steps": str(record["schedule"][0]["steps"]),
+        "schedule": json_text(record["schedule"]),
+        "seed": str(settings.seed),
+        "source": os.fspath(src) if not isinstance(src, (list, tuple)) else json_text([os.fspath(p) for p in src]),
+        "source_kind": record["source_kind"],
+        "device": dev.type,
+        "batch_size": str(settings.batch_size),
+        "max_side": "none" if settings.max_side is None else str(settings.max_side),
+        "pixel_fraction": repr(settings.pixel_fraction),
+        "jitter": repr(settings.jitter),
+        "tf32": "yes" if settings.tf32 else "no",
+        "prune": "yes" if settings.prune else "no",
+        "quant": str(settings.quant),
+        "torch_version": torch.__version__,
+    }
+    if settings.torch_compile:
+        meta["torch_compile"] = "yes"
+    if record["prune_rule"] and settings.prune:
+        meta["prune_rule"] = json_text(record["prune_rule"])
+    if not reproducible:
+        import datetime
+
+        meta["created"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta["device_name"] = devices.model_name(dev)
+    return meta

@@ -1,0 +1,219 @@
+"""The vocabulary of the `.inr` format (FORMAT.md): constants, dtypes, binary tables, the architecture.
+
+numpy and the standard library only, so the format can be read and written anywhere. Byte layout of a file:
+
+    preamble (64 B) | sections, each 64-byte aligned, zero padding between | JSON header (at the end)
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .checks import is_int
+from .errors import InrUsageError
+
+MAGIC = b"\x89INR\r\n\x1a\n"  # PNG-style: high bit, CRLF and ^Z catch text-mode / 7-bit mangling
+FORMAT_NAME = "inr"
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+ALIGNMENT = 64
+PREAMBLE_SIZE = 64
+MAX_HEADER_BYTES = 1 << 20
+MAX_CHUNK_RAW_BYTES = 1 << 30  # one decompressed chunk; bounds the memory a reader commits per chunk
+MAX_SINE_LAYERS = 1024
+MAX_WIDTH = 4096
+IN_FEATURES = 2
+OUT_FEATURES = 3
+COORDINATES = "xy_pixel_centers_minus1_1"  # x along width, y along height, pixel centres, [-1, 1]
+OUTPUT_MAPPING = "rgb_clamp01(0.5*o+0.5)"
+OUTPUT_LAYER = "linear"
+REQUIRED_SECTIONS = ("blobs", "index", "scales", "chunks", "classes", "metadata")
+# Sections whose CRC-32 a reader checks at open (all small); `blobs` is checked per chunk on read.
+CHECKED_AT_OPEN = ("index", "scales", "chunks", "classes", "metadata")
+
+# Storage dtypes by their names in the header (little-endian in the file).
+DTYPES = {"int8": np.dtype("i1"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+HIDDEN_DTYPES = ("int8", "float16", "float32")  # header.hidden_dtype
+FLOAT_DTYPES = ("float32", "float16")  # header.float_dtype: first/last layers and biases
+
+PREAMBLE_DTYPE = np.dtype([
+    ("magic", "S8"),
+    ("major", "<u2"),
+    ("minor", "<u2"),
+    ("header_crc32", "<u4"),
+    ("header_offset", "<u8"),
+    ("header_length", "<u8"),
+    ("reserved", "V32"),
+])
+assert PREAMBLE_DTYPE.itemsize == PREAMBLE_SIZE
+
+INDEX_DTYPE = np.dtype([
+    ("label", "<i4"),        # class id, -1 = unlabelled
+    ("height", "<u4"),       # original image height, pixels
+    ("width", "<u4"),        # original image width, pixels
+    ("psnr", "<f4"),         # dB, of the stored (quantized, pruned) model against the source pixels
+    ("prune_ratio", "<f4"),  # fraction of hidden weights removed by the mask = 1 - nnz / (H*W*W)
+    ("chunk", "<u4"),        # chunk holding this image's weights
+    ("nnz", "<u4"),          # number of stored hidden weight values of this image
+    ("value_start", "<u4"),  # element offset of those values within its chunk's value array
+])
+assert INDEX_DTYPE.itemsize == 32
+
+CHUNK_DTYPE = np.dtype([
+    ("offset", "<u8"),             # byte offset of the zstd frame within the blobs section
+    ("compressed_length", "<u8"),  # bytes of the zstd frame
+    ("raw_length", "<u8"),         # bytes of the decompressed payload (exact)
+    ("first_image", "<u8"),        # index of the chunk's first image
+    ("image_count", "<u4"),        # images in the chunk (>= 1)
+    ("crc32", "<u4"),              # CRC-32 of the compressed frame
+])
+assert CHUNK_DTYPE.itemsize == 40
+
+
+def align(n: int) -> int:
+    """The smallest multiple of ALIGNMENT that is >= n."""
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def canonical_json(obj) -> bytes:
+    """Sorted keys and fixed separators: the same object always gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+_ARCH_INT_LIMITS = {"sine_layers": (1, MAX_SINE_LAYERS), "width": (1, MAX_WIDTH)}
+
+
+def architecture_problem(name: str, value) -> str | None:
+    """Why `value` is not allowed as Architecture field `name`, or None (shared by the class and the reader)."""
+    if name in _ARCH_INT_LIMITS:
+        lo, hi = _ARCH_INT_LIMITS[name]
+        if not is_int(value) or not lo <= value <= hi:
+            return f"must be an integer in [{lo}, {hi}], got {value!r}"
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        return f"must be a finite number > 0, got {value!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One SIREN per image: `sine_layers` sine layers of `width` (the first from 2 inputs), then a linear
+    output layer to 3 channels. `w0` scales the hidden layers' pre-activations, `first_w0` the first's."""
+
+    sine_layers: int
+    width: int
+    w0: float = 30.0
+    first_w0: float = 30.0
+
+    def __post_init__(self):
+        for name in ("sine_layers", "width", "w0", "first_w0"):
+            problem = architecture_problem(name, getattr(self, name))
+            if problem:
+                raise InrUsageError(f"Architecture.{name} {problem}")
+            value = getattr(self, name)
+            object.__setattr__(self, name, int(value) if name in _ARCH_INT_LIMITS else float(value))
+
+    @property
+    def hidden_layers(self) -> int:
+        return self.sine_layers - 1
+
+    @property
+    def hidden_total(self) -> int:
+        """Hidden weights per image, H*W*W."""
+        return self.hidden_layers * self.width * self.width
+
+    @property
+    def params_per_image(self) -> int:
+        w, h = self.width, self.hidden_layers
+        return (IN_FEATURES * w + w) + h * (w * w + w) + (OUT_FEATURES * w + OUT_FEATURES)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-image shape of every parameter, in WeightBatch order (hidden weights are (out, in))."""
+        w, h = self.width, self.hidden_layers
+        return {"first_w": (w, IN_FEATURES), "first_b": (w,), "hidden_w": (h, w, w), "hidden_b": (h, w),
+                "last_w": (OUT_FEATURES, w), "last_b": (OUT_FEATURES,)}
+
+    def to_json(self) -> dict:
+        return {
+            "sine_layers": self.sine_layers, "width": self.width, "w0": self.w0, "first_w0": self.first_w0,
+            "in_features": IN_FEATURES, "out_features": OUT_FEATURES, "output_layer": OUTPUT_LAYER,
+            "coordinates": COORDINATES, "output_mapping": OUTPUT_MAPPING,
+        }
+
+
+@dataclass
+class WeightBatch:
+    """Weights of n images (numpy). Writer input and reader output."""
+
+    first_w: np.ndarray       # float32 [n, W, 2]
+    first_b: np.ndarray       # float32 [n, W]
+    hidden_w: np.ndarray      # hidden_dtype [n, H, W, W] (out, in), zeros where pruned
+    hidden_scale: np.ndarray  # float32 [n, H] (dequant: q * scale; 1.0 for float hidden dtypes)
+    hidden_b: np.ndarray      # float32 [n, H, W]
+    last_w: np.ndarray        # float32 [n, 3, W]
+    last_b: np.ndarray        # float32 [n, 3]
+    mask: np.ndarray | None = None  # bool [n, H, W, W], True = kept; None = nothing pruned
+
+    def __len__(self) -> int:
+        return int(self.first_w.shape[0])
+
+    def arrays(self) -> tuple:
+        """The eight fields in declaration order (mask may be None)."""
+        return (self.first_w, self.first_b, self.hidden_w, self.hidden_scale, self.hidden_b,
+                self.last_w, self.last_b, self.mask)
+
+    def take(self, idx) -> "WeightBatch":
+        """Rows `idx` (array of positions or slice) as a new batch."""
+        return WeightBatch(*(None if a is None else a[idx] for a in self.arrays()))
+
+    def dequantized_hidden(self) -> np.ndarray:
+        """float32 [n, H, W, W] = hidden_w * hidden_scale (the weights the network uses)."""
+        return self.hidden_w.astype(np.float32) * self.hidden_scale[:, :, None, None].astype(np.float32)
+
+    @staticmethod
+    def concat(batches: Sequence["WeightBatch"]) -> "WeightBatch":
+        cols = list(zip(*(b.arrays() for b in batches)))
+        has_mask = [c is not None for c in cols[7]]
+        if any(has_mask) and not all(has_mask):
+            raise InrUsageError("WeightBatch.concat: some batches have a mask and some do not")
+        return WeightBatch(*(np.concatenate(c) for c in cols[:7]),
+                           mask=np.concatenate(cols[7]) if all(has_mask) and cols[7] else None)
+
+
+def mask_bytes(arch: Architecture) -> int:
+    """Bytes of one image's packed pruning bitmap."""
+    return (arch.hidden_total + 7) // 8
+
+
+def chunk_payload_layout(arch: Architecture, n: int, float_dtype: str, hidden_dtype: str, has_masks: bool,
+                         total_nnz: int) -> list[tuple[str, np.dtype, tuple]]:
+    """(name, dtype, shape) of the arrays of one chunk's decompressed payload, in storage order."""
+    w, h = arch.width, arch.hidden_layers
+    f = DTYPES[float_dtype]
+    parts = [
+        ("first_w", f, (n, w, IN_FEATURES)),
+        ("first_b", f, (n, w)),
+        ("hidden_b", f, (n, h, w)),
+        ("last_w", f, (n, OUT_FEATURES, w)),
+        ("last_b", f, (n, OUT_FEATURES)),
+    ]
+    if has_masks:
+        parts.append(("masks", np.dtype("u1"), (n, mask_bytes(arch))))
+    parts.append(("values", DTYPES[hidden_dtype], (total_nnz,)))
+    return parts
+
+
+def payload_bytes(layout) -> int:
+    return sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for _, dt, shape in layout)
+
+
+def prune_ratio_of(nnz, total: int) -> np.ndarray:
+    """The exact float32 prune ratio a file stores for `nnz` kept of `total` hidden weights."""
+    if total == 0:
+        return np.zeros(np.shape(nnz), np.float32)
+    return (1.0 - np.asarray(nnz, np.float64) / total).astype(np.float32)

@@ -1,0 +1,385 @@
+"""The `.inr` writer (FORMAT.md) and `merge_files`, which joins files by copying their compressed chunks.
+
+Writes are atomic: a temporary file beside the target, fsynced and renamed on close. The same inputs give
+a byte-identical file. numpy, zstandard and the standard library only.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from typing import Iterable
+
+import numpy as np
+import zstandard
+
+from .checks import check_int
+from .errors import InrUsageError
+from .reader import InrFile
+from .spec import (CHUNK_DTYPE, FLOAT_DTYPES, FORMAT_NAME, HIDDEN_DTYPES, INDEX_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES,
+                   MAX_HEADER_BYTES, PREAMBLE_DTYPE, PREAMBLE_SIZE, VERSION_MAJOR, VERSION_MINOR, DTYPES,
+                   Architecture, WeightBatch, align, canonical_json, chunk_payload_layout, payload_bytes,
+                   prune_ratio_of)
+
+DEFAULT_ZSTD_LEVEL = 9
+
+
+class InrWriter:
+    """Streams images into a new .inr file. Atomic: writes `.<name>.*.tmp` next to `path`, fsyncs and
+    renames on close(); on an exception inside `with` (or abort()) the temp file is removed and `path`
+    is left untouched. The same inputs give a byte-identical file, whatever the sizes of the add() batches."""
+
+    def __init__(self, path, arch: Architecture, *, hidden_dtype: str = "int8", float_dtype: str = "float32",
+                 has_masks: bool = False, classes: Iterable[str] = (), metadata: dict | None = None,
+                 chunk_images: int = 1024, zstd_level: int = DEFAULT_ZSTD_LEVEL):
+        if not isinstance(arch, Architecture):
+            raise InrUsageError(f"InrWriter: arch must be an Architecture, got {type(arch).__name__}")
+        if hidden_dtype not in HIDDEN_DTYPES:
+            raise InrUsageError(f"InrWriter: hidden_dtype must be one of {HIDDEN_DTYPES}, got {hidden_dtype!r}")
+        if float_dtype not in FLOAT_DTYPES:
+            raise InrUsageError(f"InrWriter: float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype!r}")
+        chunk_images = check_int("InrWriter: chunk_images", chunk_images, 1)
+        self.classes = [c for c in classes]
+        if not all(isinstance(c, str) for c in self.classes):
+            raise InrUsageError("InrWriter: classes must be strings")
+        self.metadata = _check_metadata(metadata, "InrWriter: metadata")
+        self.path = os.fspath(path)
+        self.arch = arch
+        self.hidden_dtype = hidden_dtype
+        self.float_dtype = float_dtype
+        self.has_masks = bool(has_masks)
+        per_image = payload_bytes(chunk_payload_layout(arch, 1, float_dtype, hidden_dtype, self.has_masks,
+                                                       arch.hidden_total))
+        self.chunk_images = int(min(chunk_images, max(1, MAX_CHUNK_RAW_BYTES // per_image)))
+        self._cctx = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=False)
+        self._pending: list[tuple[WeightBatch, np.ndarray]] = []  # (weights, index rows), file dtypes
+        self._pending_n = 0
+        self._index: list[np.ndarray] = []
+        self._scales: list[np.ndarray] = []
+        self._chunks: list[tuple] = []
+        self._num_images = 0
+        self._blob_bytes = 0
+        self._blob_crc = 0
+        self._closed = False
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self._tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(self.path) + ".",
+                                              suffix=".tmp")
+        self._fh = os.fdopen(fd, "w+b")
+        try:
+            self._fh.write(bytes(PREAMBLE_SIZE))  # patched at close
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- context manager -------------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    def __del__(self):
+        # An unclosed writer never leaves its temp file behind (it was never renamed to `path`).
+        try:
+            if not self._closed:
+                self.abort()
+        except Exception:
+            pass
+
+    @property
+    def num_images(self) -> int:
+        return self._num_images + self._pending_n
+
+    # -- input ------------------------------------------------------------------------------------
+    def add(self, weights: WeightBatch, labels, heights, widths, psnr, prune_ratio) -> None:
+        """Append n images. Arrays are per image (length n). prune_ratio must agree with the mask
+        (the file stores the exact 1 - nnz/(H*W*W)); it must be 0 when the file has no masks."""
+        if self._closed:
+            raise InrUsageError("InrWriter.add: writer is closed")
+        try:
+            batch, rows = self._convert(weights, labels, heights, widths, psnr, prune_ratio)
+        except BaseException:
+            self.abort()
+            raise
+        if len(batch) == 0:
+            return
+        self._pending.append((batch, rows))
+        self._pending_n += len(batch)
+        try:
+            while self._pending_n >= self.chunk_images:
+                self._emit_chunk(self.chunk_images)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _convert(self, wb: WeightBatch, labels, heights, widths, psnr, prune_ratio):
+        a, n = self.arch, len(wb)
+        w, h = a.width, a.hidden_layers
+        expected = {name: (n, *shape) for name, shape in a.shapes().items()}
+        expected["hidden_scale"] = (n, h)
+        for name, shape in expected.items():
+            arr = getattr(wb, name)
+            if not isinstance(arr, np.ndarray) or arr.shape != shape:
+                got = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise InrUsageError(f"InrWriter.add: {name} must be a numpy array of shape {shape}, got {got}")
+        fdt = DTYPES[self.float_dtype]
+        hidden = wb.hidden_w
+        if self.hidden_dtype == "int8":
+            if hidden.dtype != np.int8:
+                raise InrUsageError(f"InrWriter.add: hidden_w must be int8 for hidden_dtype int8, got {hidden.dtype}")
+        elif hidden.dtype.kind != "f":
+            raise InrUsageError(f"InrWriter.add: hidden_w must be floating point for hidden_dtype "
+                                f"{self.hidden_dtype}, got {hidden.dtype}")
+        hidden = np.ascontiguousarray(hidden, dtype=DTYPES[self.hidden_dtype])
+        scale = np.ascontiguousarray(wb.hidden_scale, dtype="<f4")
+        if self.hidden_dtype == "int8":
+            if not np.all(np.isfinite(scale) & (scale >= 0)):
+                raise InrUsageError("InrWriter.add: hidden_scale must be finite and >= 0")
+        elif not np.all(scale == 1.0):
+            raise InrUsageError(f"InrWriter.add: hidden_scale must be 1.0 for hidden_dtype {self.hidden_dtype}")
+        total = a.hidden_total
+        mask = wb.mask
+        if self.has_masks:
+            if mask is None:
+                mask = np.ones((n, h, w, w), bool)
+            elif not isinstance(mask, np.ndarray) or mask.shape != (n, h, w, w) or mask.dtype != np.bool_:
+                raise InrUsageError(f"InrWriter.add: mask must be a bool array of shape {(n, h, w, w)}")
+            mask = np.ascontiguousarray(mask)
+            if np.any(hidden[~mask] != 0):
+                raise InrUsageError("InrWriter.add: hidden_w must be zero where mask is False")
+            nnz = mask.reshape(n, -1).sum(axis=1)
+        else:
+            if mask is not None and not np.all(mask):
+                raise InrUsageError("InrWriter.add: a mask with pruned weights needs has_masks=True")
+            mask = None
+            nnz = np.full(n, total, np.int64)
+        ratio = prune_ratio_of(nnz, total)
+        given = _vector(prune_ratio, n, "prune_ratio", np.float64)
+        disagrees = np.isnan(given) | (np.abs(given - ratio) > 1e-3 + 1.0 / max(total, 1))
+        if disagrees.any():
+            bad = int(np.argmax(disagrees))
+            raise InrUsageError(f"InrWriter.add: prune_ratio[{bad}] = {given[bad]} disagrees with the mask "
+                                f"({ratio[bad]:.6f} of hidden weights pruned)")
+        rows = np.zeros(n, INDEX_DTYPE)
+        rows["label"] = _vector(labels, n, "labels", np.int64, lo=-1,
+                                hi=len(self.classes) - 1 if self.classes else 2 ** 31 - 1)
+        rows["height"] = _vector(heights, n, "heights", np.int64, lo=1, hi=2 ** 32 - 1)
+        rows["width"] = _vector(widths, n, "widths", np.int64, lo=1, hi=2 ** 32 - 1)
+        p = _vector(psnr, n, "psnr", np.float64)
+        if not np.all(np.isfinite(p.astype(np.float32))):
+            raise InrUsageError("InrWriter.add: psnr must be finite")
+        rows["psnr"] = p
+        rows["prune_ratio"] = ratio
+        rows["nnz"] = nnz
+        batch = WeightBatch(
+            first_w=np.asarray(wb.first_w, fdt), first_b=np.asarray(wb.first_b, fdt), hidden_w=hidden,
+            hidden_scale=scale, hidden_b=np.asarray(wb.hidden_b, fdt), last_w=np.asarray(wb.last_w, fdt),
+            last_b=np.asarray(wb.last_b, fdt), mask=mask)
+        return batch, rows
+
+    def _emit_chunk(self, count: int) -> None:
+        """Compress the first `count` pending images into one chunk and append it to the blobs section."""
+        batch = WeightBatch.concat([b for b, _ in self._pending])
+        rows = np.concatenate([r for _, r in self._pending])
+        head, rest = batch.take(slice(0, count)), batch.take(slice(count, None))
+        head_rows, rest_rows = rows[:count].copy(), rows[count:]
+        self._pending = [(rest, rest_rows)] if len(rest) else []
+        self._pending_n = len(rest)
+
+        n = count
+        flat = head.hidden_w.reshape(n, -1)
+        if self.has_masks:
+            m = head.mask.reshape(n, -1)
+            values = flat[m]
+            masks = np.packbits(m, axis=1) if m.shape[1] else np.zeros((n, 0), np.uint8)
+        else:
+            values, masks = flat.reshape(-1), None
+        nnz = head_rows["nnz"].astype(np.int64)
+        head_rows["value_start"] = np.concatenate([[0], np.cumsum(nnz)[:-1]]) if n else []
+        head_rows["chunk"] = len(self._chunks)
+        arrays = {"first_w": head.first_w, "first_b": head.first_b, "hidden_b": head.hidden_b,
+                  "last_w": head.last_w, "last_b": head.last_b, "masks": masks, "values": values}
+        layout = chunk_payload_layout(self.arch, n, self.float_dtype, self.hidden_dtype, self.has_masks,
+                                       int(nnz.sum()))
+        raw = b"".join(np.ascontiguousarray(arrays[name], dtype=dt).tobytes() for name, dt, _ in layout)
+        assert len(raw) == payload_bytes(layout)
+        if len(raw) > MAX_CHUNK_RAW_BYTES:
+            raise InrUsageError(f"InrWriter: chunk of {len(raw)} bytes exceeds {MAX_CHUNK_RAW_BYTES}")
+        frame = self._cctx.compress(raw)
+        self._write_chunk(frame, len(raw), zlib.crc32(frame), head_rows, head.hidden_scale)
+
+    def append_chunk(self, frame: bytes, raw_length: int, crc: int, rows: np.ndarray, scales: np.ndarray) -> None:
+        """Append one already compressed chunk: its zstd `frame`, the payload's `raw_length`, the frame's
+        CRC-32, its images' INDEX_DTYPE `rows` (the `chunk` field is renumbered) and float32 `scales` [n, H].
+        merge_files copies chunks this way; the caller vouches for the frame (InrFile checks it on read)."""
+        if self._closed:
+            raise InrUsageError("InrWriter.append_chunk: writer is closed")
+        if self._pending_n:
+            raise InrUsageError("InrWriter.append_chunk: images added with add() are still pending; "
+                                "do not mix add() and append_chunk() in one file")
+        self._write_chunk(frame, raw_length, crc, rows, scales)
+
+    def _write_chunk(self, frame: bytes, raw_length: int, crc: int, rows: np.ndarray, scales: np.ndarray) -> None:
+        rows = rows.copy()
+        rows["chunk"] = len(self._chunks)
+        self._fh.write(frame)
+        self._chunks.append((self._blob_bytes, len(frame), raw_length, self._num_images, len(rows), crc))
+        self._blob_crc = zlib.crc32(frame, self._blob_crc)
+        self._blob_bytes += len(frame)
+        self._num_images += len(rows)
+        self._index.append(rows)
+        self._scales.append(np.asarray(scales, "<f4").reshape(len(rows), self.arch.hidden_layers))
+
+    # -- finish -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush the last chunk, write tables and header, fsync and atomically rename to `path`."""
+        if self._closed:
+            return
+        try:
+            if self._pending_n:
+                self._emit_chunk(self._pending_n)
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def _finish(self) -> None:
+        fh = self._fh
+        sections = [{"name": "blobs", "offset": PREAMBLE_SIZE, "length": self._blob_bytes,
+                     "crc32": self._blob_crc}]
+        h = self.arch.hidden_layers
+        index = np.concatenate(self._index) if self._index else np.zeros(0, INDEX_DTYPE)
+        scales = np.concatenate(self._scales) if self._scales else np.zeros((0, h), "<f4")
+        chunks = np.array(self._chunks, CHUNK_DTYPE) if self._chunks else np.zeros(0, CHUNK_DTYPE)
+        tables = [
+            ("index", index.tobytes()),
+            ("scales", np.ascontiguousarray(scales, "<f4").tobytes()),
+            ("chunks", chunks.tobytes()),
+            ("classes", canonical_json(self.classes)),
+            ("metadata", canonical_json(self.metadata)),
+        ]
+        pos = PREAMBLE_SIZE + self._blob_bytes
+        for name, data in tables:
+            start = align(pos)
+            fh.write(bytes(start - pos))
+            fh.write(data)
+            sections.append({"name": name, "offset": start, "length": len(data), "crc32": zlib.crc32(data)})
+            pos = start + len(data)
+        header = {
+            "format": FORMAT_NAME,
+            "architecture": self.arch.to_json(),
+            "hidden_dtype": self.hidden_dtype,
+            "float_dtype": self.float_dtype,
+            "has_masks": self.has_masks,
+            "num_images": self._num_images,
+            "num_chunks": len(self._chunks),
+            "sections": sections,
+        }
+        header_bytes = canonical_json(header)
+        if len(header_bytes) > MAX_HEADER_BYTES:
+            raise InrUsageError(f"InrWriter: header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
+        header_offset = align(pos)
+        fh.write(bytes(header_offset - pos))
+        fh.write(header_bytes)
+        pre = np.zeros((), PREAMBLE_DTYPE)
+        pre["magic"], pre["major"], pre["minor"] = MAGIC, VERSION_MAJOR, VERSION_MINOR
+        pre["header_crc32"] = zlib.crc32(header_bytes)
+        pre["header_offset"], pre["header_length"] = header_offset, len(header_bytes)
+        fh.seek(0)
+        fh.write(pre.tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(self._tmp_path, self.path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def abort(self) -> None:
+        """Discard everything written; `path` is left as it was."""
+        self._closed = True
+        fh = getattr(self, "_fh", None)
+        if fh is not None and not fh.closed:
+            fh.close()
+        tmp = getattr(self, "_tmp_path", None)
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_metadata(metadata, where: str) -> dict:
+    metadata = dict(metadata or {})
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InrUsageError(f"{where}: keys and values must be strings, got {k!r}: {v!r}")
+    return metadata
+
+
+def _vector(values, n: int, name: str, dtype, lo=None, hi=None) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim == 0:
+        arr = np.full(n, arr)
+    if arr.shape != (n,):
+        raise InrUsageError(f"InrWriter.add: {name} must have length {n}, got shape {arr.shape}")
+    if np.dtype(dtype).kind == "i":
+        if arr.dtype.kind not in "iub":
+            raise InrUsageError(f"InrWriter.add: {name} must be integers, got {arr.dtype}")
+        arr = arr.astype(np.int64)
+        if lo is not None and n and (arr.min() < lo or arr.max() > hi):
+            bad = arr[(arr < lo) | (arr > hi)][0]
+            raise InrUsageError(f"InrWriter.add: {name} value {bad} is outside [{lo}, {hi}]")
+        return arr
+    return arr.astype(dtype)
+
+
+
+def merge_files(parts, out, *, metadata=None) -> None:
+    """Concatenate .inr files (same architecture, dtypes, masks and classes) into `out`, in order.
+    Compressed chunks are copied verbatim (CRC-checked on the way). Metadata: the parts' metadata merged
+    in order (a later part's value wins), then `metadata` on top. Atomic like InrWriter."""
+    paths = [os.fspath(p) for p in parts]
+    if not paths:
+        raise InrUsageError("merge: no input files")
+    files = []
+    try:
+        for p in paths:
+            files.append(InrFile(p))
+        first = files[0]
+        for f in files[1:]:
+            for attr in ("arch", "hidden_dtype", "float_dtype", "has_masks", "classes"):
+                if getattr(f, attr) != getattr(first, attr):
+                    raise InrUsageError(f"merge: {f.path} is incompatible with {first.path}: {attr} "
+                                        f"{getattr(f, attr)!r:.200} != {getattr(first, attr)!r:.200}")
+        merged_meta: dict[str, str] = {}
+        for f in files:
+            merged_meta.update(f.metadata)
+        merged_meta.update(_check_metadata(metadata, "merge: metadata"))
+        with InrWriter(out, first.arch, hidden_dtype=first.hidden_dtype, float_dtype=first.float_dtype,
+                       has_masks=first.has_masks, classes=first.classes, metadata=merged_meta) as writer:
+            for f in files:
+                for k in range(f.num_chunks):
+                    frame, raw_length = f.read_chunk_frame(k)
+                    start, stop = f.chunk_range(k)
+                    writer.append_chunk(frame, raw_length, int(f.chunks["crc32"][k]), f.index[start:stop],
+                                         f.scales[start:stop])
+    finally:
+        for f in files:
+            f.close()
