@@ -68,15 +68,20 @@ class AugmentPlan(NamedTuple):
     per_image: bool = True
 
 
+def _cached(cache: dict, key, limit: int, make) -> torch.Tensor:
+    """cache[key], made by make() on first use; the cache is emptied when it holds more than `limit`."""
+    t = cache.get(key)
+    if t is None:
+        if len(cache) > limit:
+            cache.clear()
+        t = cache[key] = make()
+    return t
+
+
 def _constant(values, device) -> torch.Tensor:
     """A small float64 constant on `device`, uploaded once and cached (no host->device copy per batch)."""
-    key = (str(device), tuple(values))
-    t = _CONSTANTS.get(key)
-    if t is None:
-        if len(_CONSTANTS) > 1024:
-            _CONSTANTS.clear()
-        t = _CONSTANTS[key] = torch.tensor(values, dtype=_MATH, device=device)
-    return t
+    return _cached(_CONSTANTS, (str(device), tuple(values)), 1024,
+                   lambda: torch.tensor(values, dtype=_MATH, device=device))
 
 
 _CONSTANTS: dict = {}
@@ -85,13 +90,7 @@ _GRIDS: dict = {}
 
 def _pixel_centres(n: int, device) -> torch.Tensor:
     """[n] pixel-centre coordinates -1 + (2k + 1) / n (float64), cached per (n, device)."""
-    key = (str(device), n)
-    t = _GRIDS.get(key)
-    if t is None:
-        if len(_GRIDS) > 256:
-            _GRIDS.clear()
-        t = _GRIDS[key] = (torch.arange(n, device=device, dtype=_MATH) * 2 + 1) / n - 1
-    return t
+    return _cached(_GRIDS, (str(device), n), 256, lambda: (torch.arange(n, device=device, dtype=_MATH) * 2 + 1) / n - 1)
 
 
 class _View:
@@ -682,7 +681,8 @@ class RandomErasing(Transform):
             self.value = "random"
         else:
             self.value = _per_channel(value, "RandomErasing", "value")
-        self.p, self.scale, self.ratio = float(p), (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
+        self.p = float(p)
+        self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
 
     def draw(self, view: _View, size: tuple[int, int]) -> torch.Tensor:
         """[B, 4] (top, left, height, width) of each image's rectangle; height 0 = not erased."""
@@ -731,13 +731,7 @@ class RandomErasing(Transform):
 
 def _arange(n: int, device) -> torch.Tensor:
     """[n] 0..n-1 as float64 on `device`, cached (no upload per batch)."""
-    key = (str(device), "arange", n)
-    t = _GRIDS.get(key)
-    if t is None:
-        if len(_GRIDS) > 256:
-            _GRIDS.clear()
-        t = _GRIDS[key] = torch.arange(n, device=device, dtype=_MATH)
-    return t
+    return _cached(_GRIDS, (str(device), "arange", n), 256, lambda: torch.arange(n, device=device, dtype=_MATH))
 
 
 def with_output_size(pipeline: Transform | None, size) -> Transform:

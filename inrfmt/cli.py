@@ -127,6 +127,7 @@ def convert(ctx, paths, overwrite, resume, on_error, quiet, **options):
     interrupted run with its saved settings. Under torchrun each rank encodes its own shard and rank 0 merges
     them into OUT.
     """
+    import shlex
     import signal
 
     from .conversion import convert as run_convert
@@ -149,7 +150,9 @@ def convert(ctx, paths, overwrite, resume, on_error, quiet, **options):
     try:
         summary = run_convert(**arguments, overwrite=overwrite, resume=resume, on_error=on_error, progress=not quiet)
     except KeyboardInterrupt as exc:
-        message = str(exc) if isinstance(exc, InrInterrupted) else "interrupted before any batch was saved"
+        message = str(exc) if isinstance(exc, InrInterrupted) else (
+            f"interrupted; finished batches, if any, are kept in {paths[-1]}.work: resume with: "
+            f"inrfmt convert --resume {shlex.quote(paths[-1])}")
         _fail(message, 128 + (received[0] if received else signal.SIGINT), prefix="inrfmt: ")
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -472,9 +475,10 @@ def bench(file, size, batch_size, backends, device, bank_layout, as_json):
     if distinct and distinct > 1:
         click.echo(f"{distinct} native sizes; timing the {len(sizes)} most common (images of that size in brackets)")
     for row in result["results"]:
-        share = f" [{row['images']} images]" if distinct and distinct > 1 else ""
-        click.echo(f"{row['backend']:>7}: {row['img_per_s']:>12,.0f} img/s  ({row.get('size')}, batch {batch_size}){share}"
-                   if "img_per_s" in row else f"{row['backend']:>7}: {row.get('error', 'unavailable')} ({row.get('size')})")
+        where = f"({row.get('size')}, batch {batch_size})" + (f" [{row['images']} images]" if distinct and distinct > 1
+                                                                else "")
+        click.echo(f"{row['backend']:>7}: {row['img_per_s']:>12,.0f} img/s  {where}" if "img_per_s" in row
+                   else f"{row['backend']:>7}: {row.get('error', 'unavailable')} {where}")
     ld = result["load"]
     click.echo(f"   load: {ld['load_seconds']:.3f} s for {ld['file_bytes']:,} file bytes on {ld['device']} "
                f"(bank {ld['bank_layout']}, {ld['bank_bytes']:,} bytes)")

@@ -12,12 +12,12 @@ in a warning and in the metadata key "unread" (same form). Every image's source 
 
 Metadata (all strings): encoder, preset, steps (round 1), schedule, seed, source, source_kind, device,
 batch_size, max_side, pixel_fraction, jitter, tf32, prune, prune_rule, quant, torch_version, skipped,
-unread; and unless `reproducible`: created, device_name, img_steps, img_steps_per_s, encode_seconds.
+unread (unread_count when more files than it names); and unless `reproducible`: created, device_name,
+img_steps, img_steps_per_s, encode_seconds.
 """
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import shlex
 import sys
@@ -197,8 +197,8 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
 
     out_path = Path(os.fspath(out))
     check_out(out_path, overwrite)
-    if src is None or (not isinstance(src, (list, tuple)) and not os.path.exists(os.fspath(src))):
-        raise InrUsageError(f"SRC not found: {src}")
+    if src is None:
+        raise InrUsageError("SRC not given")
     from .sources import open_source
 
     source = open_source(src, h5_images=h5_images, h5_labels=h5_labels)
@@ -277,10 +277,11 @@ class _Encoder:
                 todo.append(b)
         progress = _Progress(self, infos)
         unread = list(getattr(self.source, "unread", []))
+        unread_count = getattr(self.source, "unread_count", len(unread))
         if unread:
-            shown = ", ".join(item["key"] for item in unread[:5]) + (", ..." if len(unread) > 5 else "")
-            progress.write(f"inrfmt: warning: {len(unread)} file(s) of SRC are not read ({shown}): not images of a "
-                           f"supported kind; listed in the file's metadata key 'unread'")
+            shown = ", ".join(item["key"] for item in unread[:5]) + (", ..." if unread_count > 5 else "")
+            progress.write(f"inrfmt: warning: {unread_count} file(s) of SRC are not read ({shown}): not images of "
+                           f"a supported kind; listed in the file's metadata key 'unread'")
         prev_precision = torch.get_float32_matmul_precision()
         if s.tf32:
             torch.set_float32_matmul_precision("high")
@@ -310,7 +311,7 @@ class _Encoder:
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_float32_matmul_precision(prev_precision)
             progress.close()
-        return self._finish(infos, encoded=len(todo), unread=unread)
+        return self._finish(infos, encoded=len(todo), unread=unread, unread_count=unread_count)
 
     def _report_bad(self, bad: list[BadItem], infos: dict, progress: "_Progress") -> None:
         for item in bad:
@@ -366,7 +367,7 @@ class _Encoder:
         return InrWriter(path, s.preset.arch, hidden_dtype=s.hidden_dtype, float_dtype=s.float_dtype,
                          has_masks=s.has_masks, classes=self.source.classes, metadata=metadata)
 
-    def _finish(self, infos: dict, encoded: int, unread: list) -> dict:
+    def _finish(self, infos: dict, encoded: int, unread: list, unread_count: int) -> dict:
         """Merge the parts into the target file; the summary of the run."""
         s = self.settings
         ordered = [infos[b] for b in self.batches]
@@ -381,6 +382,8 @@ class _Encoder:
         meta = dict(self.metadata)
         meta["skipped"] = json_text(skipped)
         meta["unread"] = json_text(unread)
+        if unread_count > len(unread):  # the list names the first ones only
+            meta["unread_count"] = str(unread_count)
         if s.shard is not None:
             meta["shard_items"] = f"{self.items.start}:{self.items.stop}"
             meta["source_items"] = str(self.num_items)
@@ -407,9 +410,9 @@ class _Progress:
     On a terminal one line is redrawn in place (at most every PROGRESS_REDRAW_SECONDS); otherwise (a log
     file, a pipe) a plain line is printed every PROGRESS_LOG_SECONDS, so logs get no carriage returns."""
 
-    def __init__(self, encoder: _Encoder, reused: dict, stream=None):
+    def __init__(self, encoder: _Encoder, reused: dict):
         s = encoder.settings
-        self.stream = stream if stream is not None else sys.stderr
+        self.stream = sys.stderr
         self.enabled = encoder.show_progress
         self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self.name = f"convert {s.preset.name}" + (f" shard {s.shard[0]}/{s.shard[1]}" if s.shard else "")
@@ -417,7 +420,6 @@ class _Progress:
         self.total_images = len(encoder.items)
         self.total_batches = len(encoder.batches)
         self.done_images = sum(encoder.ranges[b][1] - encoder.ranges[b][0] for b in reused)
-        self.done_batches = len(reused)
         self.psnr_sum = sum(i["psnr_sum"] for i in reused.values())
         self.psnr_count = sum(i["num_images"] for i in reused.values())
         self.fit_seconds = 0.0
@@ -447,7 +449,6 @@ class _Progress:
         self.psnr_sum += info["psnr_sum"]
         self.psnr_count += info["num_images"]
         self.done_images += stop - start
-        self.done_batches += 1
         self.batch_images = self.batch_steps = 0
         self._show(force=self.terminal)
 

@@ -372,3 +372,23 @@ def test_progress_counts_images_and_the_steps_of_the_current_batch(tmp_path, mon
         assert "\r" in text and text.endswith("\n")
     else:  # plain lines for a log: no carriage returns
         assert "\r" not in text and "\x1b" not in text
+
+
+def test_convert_a_webdataset_shard_skips_and_names_a_bad_sample(tmp_path):
+    import tarfile
+
+    images = sorted(SAMPLE.glob("*/*.png"))[:3]
+    with tarfile.open(tmp_path / "train-000000.tar", "w") as tf:
+        for i, path in enumerate(images):
+            data = path.read_bytes() if i != 1 else b"\x89PNG\r\n\x1a\n not really"
+            for name, payload in ((f"{i:06d}.png", data), (f"{i:06d}.cls", str(i).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "wds.inr"
+    summary = convert(str(tmp_path / "train-{000000..000000}.tar"), out, steps=2, progress=False, device="cpu")
+    assert summary["num_images"] == 2 and summary["skipped"] == 1
+    with InrFile(out) as f:
+        assert f.keys == ["train-000000.tar/000000.png", "train-000000.tar/000002.png"]
+        assert f.index["label"].tolist() == [0, 2] and f.classes == ["0", "1", "2"]
+        assert [s["key"] for s in json.loads(f.metadata["skipped"])] == ["train-000000.tar/000001.png"]

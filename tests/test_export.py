@@ -138,8 +138,8 @@ def test_files_are_named_by_their_source_keys(tmp_path):
     path = write_random_inr(tmp_path / "k.inr", [(4, 5)] * 7, labels, classes=("cat", "dog"), keys=keys)
     export(path, tmp_path / "out", device="cpu")
     assert files_under(tmp_path / "out") == [
-        "cat/__/__/up.png", "cat/train.tar/000042.png", "cat/x.png", "cat/x_2.png", "dog/00005.png", "dog/data.h5#7.png",
-        "dog/sub/y.png"]
+        "cat/__/__/up.png", "cat/train.tar/000042.png", "cat/x.png", "cat/x_2.png", "dog/00005.png",
+        "dog/data.h5#7.png", "dog/sub/y.png"]
     src = open_source(tmp_path / "out")
     assert src.classes == ["cat", "dog"] and len(src) == 7
     assert file_names(["a/b.jpg"], np.array([-1]), [], "png", 5) == ["a/b.png"]  # unlabelled: the whole key

@@ -674,7 +674,8 @@ def test_webdataset_shards_labels_keys_and_bad_entries(tmp_path):
 def test_webdataset_brace_pattern_and_folder(tmp_path):
     images, _ = sample_images(3)
     for k in range(3):
-        _tar(tmp_path / f"shard-{k:04d}.tar", [(f"{k:03d}.png", _encoded(images[k])), (f"{k:03d}.cls", str(k).encode())])
+        _tar(tmp_path / f"shard-{k:04d}.tar", [(f"{k:03d}.png", _encoded(images[k])),
+                                               (f"{k:03d}.cls", str(k).encode())])
     src = open_source(str(tmp_path / "shard-{0000..0002}.tar"))
     assert [src.key(i) for i in range(3)] == [f"shard-{k:04d}.tar/{k:03d}.png" for k in range(3)]
     assert src.labels.tolist() == [0, 1, 2]
