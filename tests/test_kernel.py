@@ -324,6 +324,7 @@ def _resource_usage(cubin: bytes) -> str:
     (90, 40, 2, "int8", "bfloat16", True),    # 40 -> 64 on Hopper
     (80, 15, 2, "float16", "float16", False),  # CIFAR 3x15 on Ampere, libdevice sine, bias dot
     (90, 15, 0, "float32", "float32", True),  # no hidden layers
+    (90, 100, 4, "int8", "float32", True),    # too large to stage: the streamed layer loop
 ])
 def test_kernel_compiles_for_gpu_without_one(capability, width, hidden, hidden_dtype, out_dtype, fast_sin):
     # float16 first/last layers and biases (a --float-dtype float16 file) with the float16 hidden-weight case.

@@ -9,10 +9,15 @@ tile BLOCK_P consecutive pixels in raster order. A program
      dtype), the output layer as a [WP, 16] tile (0.5 folded in). The staged tiles are loop-invariant
      values, which the compiler keeps in shared memory (wgmma's operand B on sm_90; ldmatrix on sm_80), so
      the per-tile layer loop loads no weights and has no barrier;
-  2. per tile: computes the pixels' (x, y) exactly as siren.pixel_grid does, applies theta, runs the first
-     layer as two fp32 FMAs per unit, every hidden layer as one tl.dot of fp16 activations with the staged
-     tile followed by a sine, the output layer as a tl.dot, 0.5 * o + 0.5 (folded), a NaN-propagating clamp,
-     and stores into out [B,3,h,w] (contiguous or channels_last) in out's dtype.
+  2. per tile: computes the pixels' (x, y) as siren.pixel_grid does (to fp32 rounding), applies theta, runs
+     the first layer as two fp32 FMAs per unit, every hidden layer as one tl.dot of fp16 activations with the
+     staged tile (fp32 accumulation) followed by a sine, the output layer as a tl.dot, 0.5 * o + 0.5 (folded),
+     a NaN-propagating clamp, and stores into out [B,3,h,w] (contiguous or channels_last) in out's dtype.
+
+Precision: the fp16 path's max abs error against the fp32 torch path stays within 5e-4 (the tests' and
+bench_decode's tolerance); the triton interpreter runs the same fp16 arithmetic, so the CPU tests measure it.
+Staged weights are w0 * w in fp16: a net whose |w0 * w| exceeds 65504 decodes to inf/NaN (SIREN weights are
+far smaller). fp16_dot=False keeps everything in fp32 (exact to ~1e-6).
 
 Units: the width W is held as WP = next power of two >= 16 units (tl.dot's shapes). Padded units have zero
 weights and bias, so they stay at sin(0) = 0. When WP - W >= 2, units W and W+1 are constant ones (their
@@ -57,7 +62,6 @@ from ..errors import InrUsageError
 MIN_DOT = 16  # smallest tl.dot dimension
 MMA_COLUMNS = 8  # tensor-core accumulator columns per register group (sm_80 mma.sync and sm_90 wgmma)
 ONE_UNITS = 2  # constant-one units carrying the bias (high and low float16 parts)
-HALF_PI = math.pi / 2
 MAX_PADDED_WIDTH = 128  # widest held width the kernel supports
 MAX_STAGED_LAYERS = 16  # hidden layers unrolled with staged weights; deeper nets stream their weights
 MAX_STAGED_BYTES = 96 * 1024  # staged hidden-layer tiles per program; larger nets stream their weights
@@ -84,8 +88,9 @@ def _stage_hidden_layer(hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, wimg, img,
                         DOT_F16: tl.constexpr):
     """Dequantize hidden layer `layer` of one image into the tiles the layer loop multiplies with.
 
-    Returns (w, bias): w [WP (in), WP (out)] = w0 * dequant(hidden_w)^T in the dot's input dtype, and, when
-    ONES == 0, bias [16, WP] holding w0 * hidden_b as a float16 high part (row 0) and low part (row 1); when
+    Returns (w, w_low, bias): w [WP (in), WP (out)] = w0 * dequant(hidden_w)^T in the dot's input dtype;
+    w_low, the part of it float16 cannot hold (w + w_low is exact to ~2^-22; zero in fp32 mode); and, when
+    ONES == 0, bias [16, WP] holding w0 * hidden_b as a float16 high part (row 0) and low part (row 1). When
     ONES > 0 the same two parts sit in w's rows WIDTH and WIDTH + 1 (fed by the constant-one units, whose own
     pre-activation is pi/2) and the returned bias tile is unused.
 
@@ -118,9 +123,10 @@ def _stage_hidden_layer(hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, wimg, img,
     if ONES > 0:
         w = tl.where(kin == WIDTH, tl.where(kout == WIDTH, 1.5707963267948966, hi), w)
         w = tl.where(kin == WIDTH + 1, tl.where(kout == WIDTH + 1, 1.5707963267948966, lo), w)
+    w_high = w.to(dot_dtype)
     r = tl.arange(0, 16)[:, None]
     bias_tile = tl.where(r == 0, hi, tl.where(r == 1, lo, 0.0))
-    return w.to(dot_dtype), bias_tile.to(dot_dtype)
+    return w_high, (w - w_high.to(tl.float32)).to(dot_dtype), bias_tile.to(dot_dtype)
 
 
 def _siren_decode_kernel(
@@ -131,7 +137,7 @@ def _siren_decode_kernel(
     inv_h, inv_w, first_w0, w0, invalid_value,
     WIDTH: tl.constexpr, WP: tl.constexpr, NUM_HIDDEN: tl.constexpr, ONES: tl.constexpr, LIVE: tl.constexpr,
     BLOCK_P: tl.constexpr, HAS_THETA: tl.constexpr, FAST_SIN: tl.constexpr, RANGE_REDUCE: tl.constexpr,
-    DOT_F16: tl.constexpr, HIDDEN_BY_BATCH: tl.constexpr, STAGED: tl.constexpr,
+    DOT_F16: tl.constexpr, SPLIT: tl.constexpr, HIDDEN_BY_BATCH: tl.constexpr, STAGED: tl.constexpr,
     SINE: tl.constexpr, STAGE: tl.constexpr,
 ):
     # HIDDEN_BY_BATCH: hidden_w_ptr is the batch's own [B,H,W,W] weights (expanded from a compact bank),
@@ -176,12 +182,15 @@ def _siren_decode_kernel(
     last_b = tl.load(last_b_ptr + img * 3 + c, mask=cmask, other=0.0).to(tl.float32) * 0.5 + 0.5
     last_b = tl.where(valid, last_b, invalid_value)  # NaN pixels for an out-of-range index
     hidden_w = ()
+    hidden_low = ()
     hidden_bias = ()
     if STAGED:
         for layer in tl.static_range(NUM_HIDDEN):
-            w_l, b_l = STAGE(hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, wimg, img, layer, w0,
-                             WIDTH, WP, NUM_HIDDEN, ONES, DOT_F16)
+            w_l, low_l, b_l = STAGE(hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, wimg, img, layer, w0,
+                                    WIDTH, WP, NUM_HIDDEN, ONES, DOT_F16)
             hidden_w = hidden_w + (w_l,)
+            if SPLIT:
+                hidden_low = hidden_low + (low_l,)
             if ONES == 0:
                 hidden_bias = hidden_bias + (b_l,)
     if HAS_THETA:
@@ -219,6 +228,8 @@ def _siren_decode_kernel(
         if STAGED:
             for layer in tl.static_range(NUM_HIDDEN):
                 z = tl.dot(act, hidden_w[layer], input_precision="ieee")
+                if SPLIT:
+                    z = tl.dot(act, hidden_low[layer], z, input_precision="ieee")
                 if ONES == 0:
                     z = tl.dot(ones, hidden_bias[layer], z, input_precision="ieee")
                 act = SINE(z, FAST_SIN, RANGE_REDUCE)
@@ -227,9 +238,11 @@ def _siren_decode_kernel(
                 act = act.to(dot_dtype)
         else:
             for layer in range(NUM_HIDDEN):
-                w_l, b_l = STAGE(hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, wimg, img, layer, w0,
-                                 WIDTH, WP, NUM_HIDDEN, ONES, DOT_F16)
+                w_l, low_l, b_l = STAGE(hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, wimg, img, layer, w0,
+                                        WIDTH, WP, NUM_HIDDEN, ONES, DOT_F16)
                 z = tl.dot(act, w_l, input_precision="ieee")
+                if SPLIT:
+                    z = tl.dot(act, low_l, z, input_precision="ieee")
                 if ONES == 0:
                     z = tl.dot(ones, b_l, z, input_precision="ieee")
                 act = SINE(z, FAST_SIN, RANGE_REDUCE)
@@ -331,11 +344,9 @@ class KernelConfig(NamedTuple):
 
 def default_tile(held: int) -> tuple[int, int, int | None]:
     """(pixels per tile, warps, register cap) by held width WP, chosen from tools/kernel_report.py's static
-    figures (BENCHMARKS.md): up to 32 units, 4 warps capped at 128 registers keep 4-5 programs per SM; 64
-    units take 8 warps, so that the 2 programs whose staged weights fit an SM's shared memory hold 16 warps."""
-    if held <= 32:
-        return 128, 4, 128
-    return 128 if held <= 64 else 64, 8, None
+    figures (BENCHMARKS.md): 4 warps (one warpgroup: with two, triton 3.9 puts a CTA barrier after every
+    wgmma wait) capped at 128 registers; 128-pixel tiles up to 32 units (4-5 programs per SM), 64 beyond."""
+    return (128 if held <= 32 else 64), 4, (128 if held <= 64 else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -359,11 +370,14 @@ def kernel_config(width: int, hidden_layers: int, *, has_theta: bool = True, fas
     ones = ONE_UNITS if held - width >= ONE_UNITS else 0
     live = min(held, -(-(width + ones) // MMA_COLUMNS) * MMA_COLUMNS)
     staged_bytes = hidden_layers * held * held * (2 if fp16_dot else 4)
+    staged = hidden_layers <= MAX_STAGED_LAYERS and staged_bytes <= MAX_STAGED_BYTES
+    # The float16 low parts of the hidden weights, where their tiles fit too: they halve the fp16 path's
+    # error on trained nets (BENCHMARKS.md) for one more tensor-core dot per layer.
+    split = fp16_dot and (not staged or 2 * staged_bytes <= MAX_STAGED_BYTES)
     constexprs = dict(WIDTH=int(width), WP=held, NUM_HIDDEN=int(hidden_layers), ONES=ones, LIVE=live,
                       BLOCK_P=int(block_pixels), HAS_THETA=bool(has_theta), FAST_SIN=bool(fast_sin),
-                      RANGE_REDUCE=bool(range_reduce), DOT_F16=bool(fp16_dot),
-                      HIDDEN_BY_BATCH=bool(hidden_by_batch),
-                      STAGED=hidden_layers <= MAX_STAGED_LAYERS and staged_bytes <= MAX_STAGED_BYTES)
+                      RANGE_REDUCE=bool(range_reduce), DOT_F16=bool(fp16_dot), SPLIT=bool(split),
+                      HIDDEN_BY_BATCH=bool(hidden_by_batch), STAGED=staged)
     return KernelConfig(constexprs, num_warps or default_warps, maxnreg)
 
 
