@@ -350,7 +350,7 @@ def test_static_report_meets_the_10x28_targets_on_sm90():
     assert row["layer_loop"]["instructions_per_element"] <= 5.0
     assert row["layer_loop"]["conversions_per_element"] == 0  # no I2F: int8 dequantized by the bit trick
     assert 0.99 <= row["layer_loop"]["mufu_sin_per_element"] <= 1.01
-    assert row["tile_loop"]["barriers"] <= 2  # the output's layout change only
+    assert row["layer_loop"]["barriers_per_layer"] == 0  # the tile's barriers change the output's layout
     assert kernel_report.check([row]) == []
     h200 = row["devices"]["H200"]
     assert h200["programs_per_sm"] >= 4 and h200["sizes"]["224"]["issue_img_s"] >= 250e3

@@ -9,7 +9,8 @@ nvdisasm. For each configuration and output size (32x32 at batch 4096, 224x224 a
   - registers per thread, spilled bytes, shared memory per program, programs per SM;
   - the layer loop: SASS instructions per activation element of one hidden layer (one tile's instructions
     with H hidden layers minus those with none, divided by H and by the activations a thread computes per
-    layer, padded units included), with the MUFU (sine) and conversion (I2F/F2I/F2F/I2I/FRND) counts;
+    layer, padded units included), with the MUFU (sine) and conversion (I2F/F2I/F2F/I2I/FRND) counts and
+    the barriers per layer;
   - throughput bounds from the device model: the sine unit (MUFU.SIN at 16 results/clk/SM), the SFU
     including conversions (same pipe, same rate), and instruction issue (4 warp-instructions/clk/SM),
     from the dynamic instruction counts of one image (its programs' code outside the tile loop plus its
@@ -41,6 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns unless set; keep today's default
+# A fresh triton cache, so that compile_seconds are cold compiles (what a fresh GPU machine pays).
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="inrfmt-kernel-report-"))
 
 import triton  # noqa: E402
 
@@ -197,11 +200,13 @@ def analyse(sine_layers: int, width: int, has_theta: bool, capability: int, **ov
         base_counts = tile_loop_counts(read_cubin(compile_for_target(
             width, 0, capability=capability, config=base).asm["cubin"])[0])["tile"]
         elements = block * held / (32 * warps)  # activations per thread per layer per tile
-        layer = {k: (counts["tile"][k] - base_counts[k]) / hidden for k in ("instructions", "mufu_sin", "conversions")}
+        layer = {k: (counts["tile"][k] - base_counts[k]) / hidden
+                 for k in ("instructions", "mufu_sin", "conversions", "barriers")}
         row["layer_loop"] = {"instructions_per_layer": layer["instructions"], "elements_per_thread": elements,
                              "instructions_per_element": layer["instructions"] / elements,
                              "mufu_sin_per_element": layer["mufu_sin"] / elements,
-                             "conversions_per_element": layer["conversions"] / elements}
+                             "conversions_per_element": layer["conversions"] / elements,
+                             "barriers_per_layer": layer["barriers"]}
     row["devices"] = {}
     for device in DEVICES[capability]:
         occupancy = blocks_per_sm(device, resources["REG"], smem, warps)
