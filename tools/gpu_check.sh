@@ -19,10 +19,13 @@
 #
 # Stages: GPU_CHECK_STAGES="pytest decode encode train" (default all), each under its own limit:
 #   pytest 180 s, decode 120 s, encode 60 s, train 170 s = 530 s, plus up to 10 s each to kill a stage: the
-#   whole run fits one 10-minute device call (timeout_s=600). Each stage is sized to finish within half its
-#   limit on a cold machine: the kernels compile on the CPU (seconds per 10-layer net), so the pytest stage
-#   runs with `-n auto` when pytest-xdist is present (compiles in parallel; the stages share one fresh
-#   triton cache, whose new kernels each stage counts and logs), and the decode stage times a small sweep.
+#   whole run fits one 10-minute device call (timeout_s=600). Each stage is sized, by estimate (no GPU has
+#   run this script yet), to finish within half its limit on a cold machine, where every kernel
+#   configuration compiles on the CPU first (2-3 s for a 10-layer net, 0.7 s for a 3-layer one on a 2-core
+#   box; BENCHMARKS.md): the pytest stage compiles about 25 configurations in parallel workers (`-n auto`
+#   when pytest-xdist is present), the decode stage about 13 more besides its timings (the sweep covers two
+#   nets), the train stage runs 6 of bench_all's 12 runs. The stages share one fresh triton cache, and the
+#   log gives each stage's time and kernel compiles: check them against the limits after the first run.
 #   The benchmarks write their JSON as they go, so a stage stopped at its limit keeps what it measured.
 # Python: $PYTHON or python3.
 # GPU_CHECK_QUICK=1: tiny sizes for the decode and encode stages: a smoke run of this whole script. On a

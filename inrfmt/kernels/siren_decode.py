@@ -413,7 +413,8 @@ class _Plan:
     def __init__(self, device, interpret, kernel, constexprs: dict, options: dict, block: int = 0):
         self.device, self.interpret, self.kernel, self.block = device, interpret, kernel, block
         self.constexprs, self.options = constexprs, options
-        self.trailing = tuple(constexprs.values())  # the constexprs are the kernel's last parameters, in order
+        # A direct launch passes every parameter by position; the constexprs are the kernel's last ones.
+        self.trailing = tuple(constexprs[name] for name in kernel.arg_names if name in constexprs)
         self.compiled = None
 
     def launch(self, grid: tuple[int, int, int], args) -> None:
@@ -506,9 +507,9 @@ def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.floa
     every sine argument to [-pi, pi] first: not needed for accuracy (measured in BENCHMARKS.md: the largest
     |z| of trained and random nets is about 100 in the first layer even with 3x zoomed-out coordinates and
     20 in the hidden layers, where sin.approx adds at most 3e-5 to the pixel error; its argument error
-    reaches the 5e-4 tolerance near |z| = 8000), so off by default. fp16_dot=False runs the matmuls in exact fp32 ("ieee") for
-    exactness checks. block_pixels, num_warps and tiles_per_program override the launch configuration
-    (kernel_config, program_tiles).
+    reaches the 5e-4 tolerance near |z| = 8000), so off by default. fp16_dot=False runs the matmuls in exact
+    fp32 ("ieee") for exactness checks. block_pixels, num_warps and tiles_per_program override the launch
+    configuration (kernel_config, program_tiles).
 
     Host cost and graph capture: with `indices` (and `theta`) already on the bank's device and `out`
     preallocated, a call of a dense bank neither synchronizes with the device nor allocates: its argument
