@@ -554,7 +554,7 @@ def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.floa
                                            bool(range_reduce), bool(fp16_dot), by_batch, block_pixels, num_warps)
     if tiles_per_program:
         tiles = -(-npix // plan.block)
-        tiles, groups, per_program = tiles, -(-tiles // tiles_per_program), tiles_per_program
+        groups, per_program = -(-tiles // tiles_per_program), tiles_per_program
     else:
         tiles, groups, per_program = _grid(npix, batch, plan.block, _sm_count(device))
     if batch * groups >= 2 ** 31:
