@@ -13,7 +13,7 @@ import torch
 
 from . import siren
 from .bank import TensorBank
-from .decode_args import parse_size, prepare_indices, prepare_out, prepare_theta
+from .decode_args import parse_size, pixel_stride, prepare_indices, prepare_out, prepare_theta
 from .device import triton_interpreted
 from .errors import InrUsageError
 
@@ -39,8 +39,12 @@ _auto_triton_failed: str | None = None
 
 
 def default_backend(bank: TensorBank) -> str:
+    """"triton" on CUDA when triton is importable, works here and supports the net, else "torch"."""
     if bank.device.type == "cuda" and triton_available() and _auto_triton_failed is None:
-        return "triton"
+        from . import kernels
+
+        if kernels.supports(bank.arch):
+            return "triton"
     return "torch"
 
 
@@ -58,9 +62,9 @@ def decode_torch(bank: TensorBank, indices, size, theta=None, *, out=None, dtype
     out = prepare_out(out, batch, h, w, dtype, bank.device)
     if batch == 0:
         return out
+    out_pixels = _pixel_view(out)
     params = bank.params(idx)
     coords = siren.pixel_grid(h, w, device=bank.device)
-    out_pixels = _pixel_view(out)
     width = max(bank.arch.width, 3)
     step = max(1, _TORCH_CHUNK_ELEMENTS // (batch * width))
     with torch.no_grad():
@@ -72,13 +76,9 @@ def decode_torch(bank: TensorBank, indices, size, theta=None, *, out=None, dtype
 
 
 def _pixel_view(out: torch.Tensor) -> torch.Tensor:
-    """[B, h*w, 3] view sharing out's memory (out is [B,3,h,w], contiguous or channels_last)."""
+    """[B, h*w, 3] view sharing out's memory (raises unless its pixels are evenly spaced: pixel_stride)."""
     b, _, h, w = out.shape
-    nhwc = out.permute(0, 2, 3, 1)
-    try:
-        return nhwc.view(b, h * w, 3)
-    except RuntimeError:
-        raise InrUsageError("out must be contiguous or channels_last") from None
+    return out.as_strided((b, h * w, 3), (out.stride(0), pixel_stride(out), out.stride(1)))
 
 
 # -- dispatch -----------------------------------------------------------------------------------------
@@ -97,8 +97,8 @@ def decode(bank: TensorBank, indices, size, theta=None, *, backend=None, out=Non
     if backend == "torch":
         return decode_torch(bank, indices, size, theta, out=out, dtype=dtype)
     if backend == "triton":
-        check_triton_usable(bank.device)
-        from .kernels import decode_triton
+        _require_triton()
+        from .kernels import decode_triton  # checks the device itself
 
         return decode_triton(bank, indices, size, theta, out=out, dtype=dtype)
     raise InrUsageError(f"unknown decode backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -121,12 +121,17 @@ def _decode_auto_triton(bank, indices, size, theta, *, out, dtype):
         return decode_torch(bank, indices, size, theta, out=out, dtype=dtype)
 
 
-def check_triton_usable(device: torch.device) -> None:
+def _require_triton() -> None:
     if not triton_available():
         raise InrUsageError("decode backend 'triton' needs the triton package (pip install 'inrfmt[gpu]')")
-    if device.type != "cuda" and not triton_interpreted():
-        raise InrUsageError(f"decode backend 'triton' needs a CUDA bank (this bank is on {device}); "
-                            "set TRITON_INTERPRET=1 to run the kernel in triton's CPU interpreter")
+
+
+def check_triton_usable(device: torch.device) -> None:
+    """Raise InrUsageError unless the triton backend can decode a bank on `device`."""
+    _require_triton()
+    from . import kernels
+
+    kernels.check_device(device)
 
 
 def available_backends(bank: TensorBank) -> list[str]:

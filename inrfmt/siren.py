@@ -63,16 +63,22 @@ def init_params(arch: Architecture, n: int, *, generator: torch.Generator | None
     )
 
 
-def forward(params: SirenParams, coords: torch.Tensor, arch: Architecture) -> torch.Tensor:
-    """Raw outputs [N, P, 3] (model space, about [-1, 1]) at coords [P, 2] (shared) or [N, P, 2]."""
+def forward(params: SirenParams, coords: torch.Tensor, arch: Architecture, sine=None) -> torch.Tensor:
+    """Raw outputs [N, P, 3] (model space, about [-1, 1]) at coords [P, 2] (shared) or [N, P, 2].
+
+    sine(z, layer) replaces torch.sin(z) when given (layer 0 is the first): tools/sine_error.py emulates the
+    GPU's approximate sine with it."""
     n = params.first_w.shape[0]
     if coords.dim() == 2:
         coords = coords.unsqueeze(0).expand(n, -1, -1)
+    if sine is None:
+        def sine(z, layer):
+            return torch.sin(z)
     x = torch.baddbmm(params.first_b.unsqueeze(1), coords, params.first_w.transpose(1, 2))
-    x = torch.sin(arch.first_w0 * x)
+    x = sine(arch.first_w0 * x, 0)
     for layer in range(arch.hidden_layers):
         x = torch.baddbmm(params.hidden_b[:, layer].unsqueeze(1), x, params.hidden_w[:, layer].transpose(1, 2))
-        x = torch.sin(arch.w0 * x)
+        x = sine(arch.w0 * x, layer + 1)
     return torch.baddbmm(params.last_b.unsqueeze(1), x, params.last_w.transpose(1, 2))
 
 

@@ -129,10 +129,17 @@ def collect(bundle: dict, results: Path, only) -> dict:
     return bundle
 
 
+def pipeline_spec(argv: list[str]) -> str:
+    """"name" or "name:workers" of a train run's arguments (what --pipelines selects)."""
+    name = argv[argv.index("--pipeline") + 1]
+    return f"{name}:{argv[argv.index('--workers') + 1]}" if "--workers" in argv else name
+
+
 def run_plan(name: str, results: Path, only, timeout: float | None, dali_site: str | None = None,
-             checkpoint=None) -> dict:
-    """Run the plan's commands for the experiments in `only`; `checkpoint(bundle)`, if given, is called after
-    every command with the results so far (so a run stopped from outside still leaves its bundle)."""
+             checkpoint=None, pipelines=None) -> dict:
+    """Run the plan's commands for the experiments in `only` (the train runs of `pipelines` only, when
+    given); `checkpoint(bundle)`, if given, is called after every command with the results so far (so a run
+    stopped from outside still leaves its bundle)."""
     steps = plan(name, results)
     results.mkdir(parents=True, exist_ok=True)
     train_jsonl = results / "train.jsonl"
@@ -146,6 +153,8 @@ def run_plan(name: str, results: Path, only, timeout: float | None, dali_site: s
         bundle["commands"][experiment] = []
         t0 = time.perf_counter()
         for argv in steps[experiment]:
+            if experiment == "train" and pipelines and pipeline_spec(argv) not in pipelines:
+                continue
             cmd = [sys.executable, str(REPO / TOOLS[experiment])] + argv
             text = command_text(experiment, argv)
             bundle["commands"][experiment].append(text)
@@ -407,11 +416,14 @@ def parse_args(argv=None):
     p.add_argument("--no-md", action="store_true", help="leave BENCHMARKS.md alone")
     p.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated subset of rd,accuracy,train")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per tool run")
+    p.add_argument("--pipelines", default=None,
+                   help="comma-separated train runs to keep, as name or name:workers (e.g. gpu-raw,inr,torch:1)")
     p.add_argument("--dali-site", metavar="DIR",
                    help="a folder holding NVIDIA DALI (pip install --target DIR nvidia-dali-cuda120), put on "
                         "PYTHONPATH for the dali runs only")
     args = p.parse_args(argv)
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    args.pipelines = [x.strip() for x in args.pipelines.split(",") if x.strip()] if args.pipelines else None
     bad = [x for x in args.only if x not in EXPERIMENTS]
     if bad or not args.only:
         raise ToolError(f"--only {','.join(bad) or '(empty)'}: choose from {', '.join(EXPERIMENTS)}")
@@ -454,7 +466,8 @@ def main(argv=None) -> int:
         bundle["seconds"]["total"] = time.perf_counter() - t0
         write_json(previous, bundle)
 
-    bundle = run_plan(name, results, args.only, args.timeout, args.dali_site, checkpoint=save)
+    bundle = run_plan(name, results, args.only, args.timeout, args.dali_site, checkpoint=save,
+                      pipelines=args.pipelines)
     save(bundle)
     tags = render(bundle, results, md)
     print(f"bench_all: {len(bundle['failures'])} failure(s); results in {results}; "

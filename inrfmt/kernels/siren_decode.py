@@ -1,46 +1,79 @@
 """Fused SIREN decoder: one Triton launch decodes a batch of images from the TensorBank.
 
-One program per (image, tile of BLOCK_P output pixels), on a 1-D grid. A program
-  1. computes its pixels' (x, y) from (row, col) exactly as siren.pixel_grid does and applies the image's theta,
-  2. runs every layer with the activations [BLOCK_P, units] kept in registers: the first layer as two FMAs
-     per unit, each hidden layer as tl.dot of fp16 activations with the raw int8 (or fp16/fp32) weights
-     read straight from the bank, then `acc * (scale * w0) + b * w0` in fp32 - the int8 values are exact in
-     fp16, so dequantization and w0 cost nothing and add no rounding,
-  3. applies the linear output layer (padded to 16 outputs for tl.dot), 0.5*o + 0.5, clamps, and stores into
-     out [B,3,h,w] through its strides (so NCHW and channels_last both work) in out's dtype.
-First/last layers and biases are upcast to fp32 as they are loaded (a bank of a --float-dtype float16 file
-holds them in fp16). A compact bank's batch is first expanded by `expand_hidden` (one program per image:
-bitmap bits -> prefix count -> gather of the kept values) and read by batch position (HIDDEN_BY_BATCH).
+Grid: one program per (batch entry, group of pixel tiles). Program `pid` decodes batch entry
+b = pid // groups_per_image, tiles [g * tiles_per_program, (g + 1) * tiles_per_program) of its image, each
+tile BLOCK_P consecutive pixels in raster order. A program
 
-Width: tl.dot needs power-of-two dims >= 16, so the W units are held as one block of the next power of two
-or, when narrower, two blocks (width 40 -> 32 + 16 instead of 64; see width_blocks). Every weight load is
-masked with `row < WIDTH and col < WIDTH` and uses the true row stride WIDTH, so padded rows and columns
-are never read. Image offsets are int64 (banks with N*H*W*W >= 2^31 elements), and an out-of-range image
-index writes NaN instead of reading outside the bank.
+  1. stages its image's weights once: the first layer's (x, y) weights as fp32 vectors, each hidden layer as
+     one [WP, WP] tile for tl.dot (`_stage_hidden_layer`: dequantized, w0 folded in, in the dot's input
+     dtype), the output layer as a [WP, 16] tile (0.5 folded in). The staged tiles are loop-invariant
+     values, which the compiler keeps in shared memory (wgmma's operand B on sm_90; ldmatrix on sm_80), so
+     the per-tile layer loop loads no weights and has no barrier;
+  2. per tile: computes the pixels' (x, y) as siren.pixel_grid does (to fp32 rounding), applies theta, runs
+     the first layer as two fp32 FMAs per unit, every hidden layer as one tl.dot of fp16 activations with the
+     staged tile (fp32 accumulation) followed by a sine, the output layer as a tl.dot, 0.5 * o + 0.5 (folded),
+     a NaN-propagating clamp, and stores into out [B,3,h,w] (contiguous or channels_last) in out's dtype.
 
-Sine: FAST_SIN selects `sin.approx.f32` (inline PTX; GPU only), by default after a Cody-Waite range
-reduction to [-pi, pi] (sin.approx loses accuracy for large arguments), else tl.sin (libdevice on GPU;
-works in the interpreter).
+Precision: activations enter the dots as fp16 (accumulation in fp32). SPLIT adds each hidden weight's fp16
+low part as a second dot with the same activations, so the staged weights are exact to ~2^-22; it is on
+where those tiles fit MAX_STAGED_BYTES too (all presets but 10x40). The fp16 activations then dominate: max
+abs error against the fp32 torch path below 1e-4 on random SIREN-initialised nets, up to about 1e-3 on
+trained ones (BENCHMARKS.md; the triton interpreter runs the same fp16 arithmetic, so the CPU tests
+measure it). Staged weights are w0 * w in fp16: a net whose |w0 * w| exceeds 65504 decodes to inf/NaN
+(SIREN weights are far smaller). fp16_dot=False keeps everything in fp32 (exact to ~1e-6).
 
-The kernel object is created lazily by `triton.jit` at first use, so whether it runs compiled or in
-triton's CPU interpreter is decided by TRITON_INTERPRET at that moment, not at import time.
+Units: the width W is held as WP = next power of two >= 16 units (tl.dot's shapes). Padded units have zero
+weights and bias, so they stay at sin(0) = 0. When WP - W >= 2, units W and W+1 are constant ones (their
+pre-activation is pi/2 from a fixed weight on themselves): the staged tiles carry each layer's bias, split
+into a float16 high and low part, in the rows those units feed, so the bias costs nothing per element.
+Otherwise (W = 15, 16, 31, 32, ...) the bias is a second tl.dot of a constant [BLOCK_P, 16] ones operand
+with a [16, WP] tile holding the high and low parts. Units past the last multiple of 8 that holds a live
+unit are masked to 0 after the sine, which lets the compiler drop their sines: tensor-core accumulators hold
+columns in groups of 8 per register, so such a mask is known per register at compile time.
+
+Sine: FAST_SIN selects `sin.approx.f32` (inline PTX; GPU only), else tl.sin (libdevice on GPU; works in the
+interpreter). RANGE_REDUCE first reduces the argument to [-pi, pi] (Cody-Waite, 4 instructions per element):
+sin.approx's error grows with |z| (its argument is rounded to fp32 in revolutions, about |z| * 6e-8 rad),
+which stays far below the decoder's tolerance for the arguments SIRENs produce (see decode_triton).
+
+NaN propagation matches the torch reference (a NaN weight or theta gives NaN pixels where torch gives them),
+the clamp included. An out-of-range image index (possible only for device-side indices, which are not
+range-checked on the host) decodes to NaN.
+
+Nets too large to stage (more than MAX_STAGED_LAYERS hidden layers, or more than MAX_STAGED_BYTES of staged
+weights) run the same kernel with STAGED=False: a dynamic layer loop that stages each layer per tile.
+Widths above MAX_PADDED_WIDTH are not supported (decode_triton raises; the default backend is then torch).
+
+The kernel objects are created lazily by `triton.jit` at first use, so whether they run compiled or in
+triton's CPU interpreter is decided by TRITON_INTERPRET at that moment, not at import time. The jitted
+helpers reach the kernel as constexpr arguments (SINE, STAGE) for the same reason.
 """
 from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..decode_args import parse_size, prepare_indices, prepare_out, prepare_theta
+from ..decode_args import parse_size, pixel_stride, prepare_indices, prepare_out, prepare_theta
 from ..device import triton_interpreted
 from ..errors import InrUsageError
 
-OUT_PAD = 16  # the 3 output channels padded for tl.dot
 MIN_DOT = 16  # smallest tl.dot dimension
+MMA_COLUMNS = 8  # tensor-core accumulator columns per register group (sm_80 mma.sync and sm_90 wgmma)
+ONE_UNITS = 2  # constant-one units carrying the bias (high and low float16 parts)
+MAX_PADDED_WIDTH = 128  # widest held width the kernel supports
+MAX_STAGED_LAYERS = 16  # hidden layers unrolled with staged weights; deeper nets stream their weights
+MAX_STAGED_BYTES = 96 * 1024  # staged hidden-layer tiles per program; larger nets stream their weights
+MAX_PIXELS = 1 << 23  # output pixels per image: the kernel's float pixel arithmetic is exact below this
+EXPAND_BLOCK = 1024  # bitmap positions per step of the expansion kernel
 
 
 def _sine(z, FAST_SIN: tl.constexpr, RANGE_REDUCE: tl.constexpr):
-    """sin(z) for the kernel: sin.approx.f32 (after a range reduction) or tl.sin, by constexpr."""
+    """sin(z) for the kernel: sin.approx.f32 or tl.sin by constexpr, after a range reduction if asked."""
     if RANGE_REDUCE:
         # z - n*2pi, n = round(z / 2pi) by the 1.5*2^23 trick (FP32 adds, no conversion instructions);
         # 2pi split Cody-Waite style so that n*6.28125 is exact.
@@ -53,36 +86,116 @@ def _sine(z, FAST_SIN: tl.constexpr, RANGE_REDUCE: tl.constexpr):
         return tl.sin(z)
 
 
+def _stage_hidden_layer(hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, wimg, img, layer, w0,
+                        WIDTH: tl.constexpr, WP: tl.constexpr, NUM_HIDDEN: tl.constexpr, ONES: tl.constexpr,
+                        DOT_F16: tl.constexpr):
+    """Dequantize hidden layer `layer` of one image into the tiles the layer loop multiplies with.
+
+    Returns (w, w_low, bias): w [WP (in), WP (out)] = w0 * dequant(hidden_w)^T in the dot's input dtype;
+    w_low, the part of it float16 cannot hold (w + w_low is exact to ~2^-22; zero in fp32 mode); and, when
+    ONES == 0, bias [16, WP] holding w0 * hidden_b as a float16 high part (row 0) and low part (row 1). When
+    ONES > 0 the same two parts sit in w's rows WIDTH and WIDTH + 1 (fed by the constant-one units, whose own
+    pre-activation is pi/2) and the returned bias tile is unused.
+
+    This is the only place that reads a stored weight format: int8 codes convert exactly to fp32 by a bit
+    trick (0x4B000000 | (q ^ 0x80) is 2^23 + 128 + q as a float; no I2F instruction), float16/float32 by a
+    cast; then one multiply by scale * w0. Another code format plugs in here.
+    """
+    kin = tl.arange(0, WP)[:, None]
+    kout = tl.arange(0, WP)[None, :]
+    live = (kin < WIDTH) & (kout < WIDTH)
+    # Stored [out, in] with row stride WIDTH; rows/columns >= WIDTH are masked (never read).
+    q = tl.load(hidden_w_ptr + (wimg * NUM_HIDDEN + layer) * (WIDTH * WIDTH) + kout * WIDTH + kin, mask=live,
+                other=0)
+    if hidden_w_ptr.dtype.element_ty == tl.int8:
+        bits = q.to(tl.uint8, bitcast=True).to(tl.uint32)
+        q = ((bits ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        q = q.to(tl.float32)
+    lw = img * NUM_HIDDEN + layer
+    w = q * (tl.load(hidden_scale_ptr + lw) * w0)
+    bias = tl.load(hidden_b_ptr + lw * WIDTH + kout, mask=kout < WIDTH, other=0.0).to(tl.float32) * w0
+    if DOT_F16:
+        hi = bias.to(tl.float16).to(tl.float32)
+        lo = bias - hi
+        dot_dtype = tl.float16
+    else:
+        hi = bias
+        lo = bias * 0.0
+        dot_dtype = tl.float32
+    if ONES > 0:
+        w = tl.where(kin == WIDTH, tl.where(kout == WIDTH, 1.5707963267948966, hi), w)
+        w = tl.where(kin == WIDTH + 1, tl.where(kout == WIDTH + 1, 1.5707963267948966, lo), w)
+    w_high = w.to(dot_dtype)
+    r = tl.arange(0, 16)[:, None]
+    bias_tile = tl.where(r == 0, hi, tl.where(r == 1, lo, 0.0))
+    return w_high, (w - w_high.to(tl.float32)).to(dot_dtype), bias_tile.to(dot_dtype)
+
+
 def _siren_decode_kernel(
     idx_ptr, theta_ptr, out_ptr,
     first_w_ptr, first_b_ptr, hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, last_w_ptr, last_b_ptr,
-    num_images, out_h, out_w, tiles_per_image,
-    stride_ob, stride_oc, stride_oh, stride_ow,
-    first_w0, w0, invalid_value,
-    WIDTH: tl.constexpr, WA: tl.constexpr, WB: tl.constexpr, NUM_HIDDEN: tl.constexpr, OUT_PAD: tl.constexpr,
+    num_images, npix, out_w, tiles_per_image, groups_per_image, tiles_per_program,
+    stride_ob, stride_oc, stride_op,
+    inv_h, inv_w, first_w0, w0, invalid_value,
+    WIDTH: tl.constexpr, WP: tl.constexpr, NUM_HIDDEN: tl.constexpr, ONES: tl.constexpr, LIVE: tl.constexpr,
     BLOCK_P: tl.constexpr, HAS_THETA: tl.constexpr, FAST_SIN: tl.constexpr, RANGE_REDUCE: tl.constexpr,
-    FP16_DOT: tl.constexpr, HIDDEN_BY_BATCH: tl.constexpr, SINE: tl.constexpr,
+    DOT_F16: tl.constexpr, SPLIT: tl.constexpr, HIDDEN_BY_BATCH: tl.constexpr, STAGED: tl.constexpr,
+    SINE: tl.constexpr, STAGE: tl.constexpr,
 ):
-    # Units are held in block A (units 0..WA-1) and, when WB > 0, block B (units WA..WA+WB-1); WB == 0
-    # means one block of WA >= WIDTH units. SINE is `_sine` for the current mode, passed as a constexpr
-    # (a jitted helper cannot be called from the interpreter, nor a plain function from compiled code).
     # HIDDEN_BY_BATCH: hidden_w_ptr is the batch's own [B,H,W,W] weights (expanded from a compact bank),
-    # indexed by batch position instead of image index.
+    # indexed by batch position instead of image index. stride_op: out's stride between consecutive pixels
+    # (out is contiguous or channels_last, so pixel p of an image is at p * stride_op).
     pid = tl.program_id(0)
-    b = pid // tiles_per_image
-    tile = pid % tiles_per_image
-
+    b = pid // groups_per_image
+    group = pid - b * groups_per_image
     img = tl.load(idx_ptr + b).to(tl.int64)
     valid = (img >= 0) & (img < num_images)
     img = tl.where(valid, img, 0)
+    if HIDDEN_BY_BATCH:
+        wimg = b.to(tl.int64)
+    else:
+        wimg = img
+    if DOT_F16:
+        dot_dtype = tl.float16
+    else:
+        dot_dtype = tl.float32
 
-    # -- pixel coordinates (pixel centres, affine_grid align_corners=False) ------------------------
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < out_h * out_w
-    row = p // out_w
-    col = p % out_w
-    x = (col * 2 + 1).to(tl.float32) / out_w - 1.0
-    y = (row * 2 + 1).to(tl.float32) / out_h - 1.0
+    # -- staging: this image's weights, once for all the program's tiles ---------------------------
+    k = tl.arange(0, WP)
+    kmask = k < WIDTH
+    fw = first_w_ptr + img * (WIDTH * 2)
+    fx = tl.load(fw + k * 2, mask=kmask, other=0.0).to(tl.float32) * first_w0
+    fy = tl.load(fw + k * 2 + 1, mask=kmask, other=0.0).to(tl.float32) * first_w0
+    fb = tl.load(first_b_ptr + img * WIDTH + k, mask=kmask, other=0.0).to(tl.float32) * first_w0
+    if ONES > 0:
+        fb = tl.where((k >= WIDTH) & (k < WIDTH + ONES), 1.5707963267948966, fb)
+    r16 = tl.arange(0, 16)[:, None]  # K = 16: one tensor-core step
+    c = tl.arange(0, 16)  # output channels, padded to 16 for tl.dot
+    cmask = c < 3
+    # The first layer's bias enters through a dot with a constant ones operand: exact to ~2^-22 as a float16
+    # high + low pair, and it gives the first layer the tensor-core accumulator layout that the hidden
+    # layers' dots take as their input without a shared-memory round trip.
+    ones = (tl.full((BLOCK_P, 16), 0.0, tl.float32) + tl.where(c < 2, 1.0, 0.0)[None, :]).to(dot_dtype)
+    fb_hi = fb.to(dot_dtype).to(tl.float32)
+    first_bias = tl.where(r16 == 0, fb_hi[None, :], tl.where(r16 == 1, (fb - fb_hi)[None, :], 0.0)).to(dot_dtype)
+    lw = tl.load(last_w_ptr + img * (3 * WIDTH) + c[None, :] * WIDTH + k[:, None],
+                 mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    last_w = (lw * 0.5).to(dot_dtype)
+    last_b = tl.load(last_b_ptr + img * 3 + c, mask=cmask, other=0.0).to(tl.float32) * 0.5 + 0.5
+    last_b = tl.where(valid, last_b, invalid_value)  # NaN pixels for an out-of-range index
+    hidden_w = ()
+    hidden_low = ()
+    hidden_bias = ()
+    if STAGED:
+        for layer in tl.static_range(NUM_HIDDEN):
+            w_l, low_l, b_l = STAGE(hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, wimg, img, layer, w0,
+                                    WIDTH, WP, NUM_HIDDEN, ONES, DOT_F16)
+            hidden_w = hidden_w + (w_l,)
+            if SPLIT:
+                hidden_low = hidden_low + (low_l,)
+            if ONES == 0:
+                hidden_bias = hidden_bias + (b_l,)
     if HAS_THETA:
         tb = theta_ptr + b.to(tl.int64) * 6
         t00 = tl.load(tb)
@@ -91,96 +204,58 @@ def _siren_decode_kernel(
         t10 = tl.load(tb + 3)
         t11 = tl.load(tb + 4)
         t12 = tl.load(tb + 5)
-        x, y = x * t00 + y * t01 + t02, x * t10 + y * t11 + t12
+    out_img = out_ptr + b.to(tl.int64) * stride_ob
+    live = k < LIVE
+    w_f = out_w.to(tl.float32)
 
-    ka = tl.arange(0, WA)
-    ka_mask = ka < WIDTH
-    fw = first_w_ptr + img * (WIDTH * 2)
-    fb = first_b_ptr + img * WIDTH
-    if HIDDEN_BY_BATCH:
-        wimg = b.to(tl.int64)
-    else:
-        wimg = img
-
-    # -- first sine layer: z = first_w0 * (W c + b) ------------------------------------------------
-    za = (x[:, None] * (tl.load(fw + ka * 2, mask=ka_mask, other=0.0).to(tl.float32) * first_w0)[None, :]
-          + y[:, None] * (tl.load(fw + ka * 2 + 1, mask=ka_mask, other=0.0).to(tl.float32) * first_w0)[None, :]
-          + (tl.load(fb + ka, mask=ka_mask, other=0.0).to(tl.float32) * first_w0)[None, :])
-    act_a = SINE(za, FAST_SIN, RANGE_REDUCE)
-    if WB > 0:
-        kb = WA + tl.arange(0, WB)
-        kb_mask = kb < WIDTH
-        zb = (x[:, None] * (tl.load(fw + kb * 2, mask=kb_mask, other=0.0).to(tl.float32) * first_w0)[None, :]
-              + y[:, None] * (tl.load(fw + kb * 2 + 1, mask=kb_mask, other=0.0).to(tl.float32) * first_w0)[None, :]
-              + (tl.load(fb + kb, mask=kb_mask, other=0.0).to(tl.float32) * first_w0)[None, :])
-        act_b = SINE(zb, FAST_SIN, RANGE_REDUCE)
-
-    # -- hidden sine layers: z = (scale*w0) * (q @ act) + w0 * b ------------------------------------
-    # Weight tiles [out, in] at offset out*WIDTH + in: the row stride is the true width, never the padded
-    # one, and rows/cols >= WIDTH are masked (never read).
-    off_aa = ka[:, None] * WIDTH + ka[None, :]
-    msk_aa = ka_mask[:, None] & ka_mask[None, :]
-    if WB > 0:
-        off_ab = ka[:, None] * WIDTH + kb[None, :]  # out in A, in in B
-        msk_ab = ka_mask[:, None] & kb_mask[None, :]
-        off_ba = kb[:, None] * WIDTH + ka[None, :]
-        msk_ba = kb_mask[:, None] & ka_mask[None, :]
-        off_bb = kb[:, None] * WIDTH + kb[None, :]
-        msk_bb = kb_mask[:, None] & kb_mask[None, :]
-    for layer in range(NUM_HIDDEN):
-        lw = img * NUM_HIDDEN + layer
-        wbase = hidden_w_ptr + (wimg * NUM_HIDDEN + layer) * (WIDTH * WIDTH)
-        scale = tl.load(hidden_scale_ptr + lw) * w0
-        hbase = hidden_b_ptr + lw * WIDTH
-        q_aa = tl.load(wbase + off_aa, mask=msk_aa, other=0)
-        if FP16_DOT:
-            a16 = act_a.to(tl.float16)
-            acc_a = tl.dot(a16, tl.trans(q_aa.to(tl.float16)))
+    # -- the tiles ------------------------------------------------------------------------------------
+    tile0 = group * tiles_per_program
+    tile1 = tl.minimum(tile0 + tiles_per_program, tiles_per_image)
+    for tile in range(tile0, tile1):
+        p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        # Row and column in float (exact below MAX_PIXELS): floor((p + 0.5) / w) by the 1.5*2^23 rounding
+        # trick, then one correction step for the rounding of 1/w.
+        pf = p.to(tl.float32)
+        row = ((pf + 0.5) * inv_w - 0.5 + 12582912.0) - 12582912.0
+        col = pf - row * w_f
+        row = tl.where(col < 0.0, row - 1.0, tl.where(col >= w_f, row + 1.0, row))
+        col = pf - row * w_f
+        # Pixel centres, affine_grid(align_corners=False): x = (2j + 1) / w - 1.
+        x = col * (2.0 * inv_w) + (inv_w - 1.0)
+        y = row * (2.0 * inv_h) + (inv_h - 1.0)
+        if HAS_THETA:
+            x, y = x * t00 + y * t01 + t02, x * t10 + y * t11 + t12
+        z = tl.dot(ones, first_bias, input_precision="ieee")
+        z = x[:, None] * fx[None, :] + (y[:, None] * fy[None, :] + z)
+        act = SINE(z, FAST_SIN, RANGE_REDUCE).to(dot_dtype)
+        if STAGED:
+            for layer in tl.static_range(NUM_HIDDEN):
+                z = tl.dot(act, hidden_w[layer], input_precision="ieee")
+                if SPLIT:
+                    z = tl.dot(act, hidden_low[layer], z, input_precision="ieee")
+                if ONES == 0:
+                    z = tl.dot(ones, hidden_bias[layer], z, input_precision="ieee")
+                act = SINE(z, FAST_SIN, RANGE_REDUCE)
+                if LIVE < WP:
+                    act = tl.where(live[None, :], act, 0.0)
+                act = act.to(dot_dtype)
         else:
-            acc_a = tl.dot(act_a, tl.trans(q_aa.to(tl.float32)), input_precision="ieee")
-        if WB > 0:
-            q_ab = tl.load(wbase + off_ab, mask=msk_ab, other=0)
-            q_ba = tl.load(wbase + off_ba, mask=msk_ba, other=0)
-            q_bb = tl.load(wbase + off_bb, mask=msk_bb, other=0)
-            if FP16_DOT:
-                b16 = act_b.to(tl.float16)
-                acc_a = tl.dot(b16, tl.trans(q_ab.to(tl.float16)), acc_a)
-                acc_b = tl.dot(a16, tl.trans(q_ba.to(tl.float16)))
-                acc_b = tl.dot(b16, tl.trans(q_bb.to(tl.float16)), acc_b)
-            else:
-                acc_a = tl.dot(act_b, tl.trans(q_ab.to(tl.float32)), acc_a, input_precision="ieee")
-                acc_b = tl.dot(act_a, tl.trans(q_ba.to(tl.float32)), input_precision="ieee")
-                acc_b = tl.dot(act_b, tl.trans(q_bb.to(tl.float32)), acc_b, input_precision="ieee")
-        za = acc_a * scale + (tl.load(hbase + ka, mask=ka_mask, other=0.0).to(tl.float32) * w0)[None, :]
-        act_a = SINE(za, FAST_SIN, RANGE_REDUCE)
-        if WB > 0:
-            zb = acc_b * scale + (tl.load(hbase + kb, mask=kb_mask, other=0.0).to(tl.float32) * w0)[None, :]
-            act_b = SINE(zb, FAST_SIN, RANGE_REDUCE)
-
-    # -- linear output layer, 3 channels padded to OUT_PAD -----------------------------------------
-    c = tl.arange(0, OUT_PAD)
-    cmask = c < 3
-    lbase = last_w_ptr + img * (3 * WIDTH)
-    lw_a = tl.load(lbase + c[:, None] * WIDTH + ka[None, :], mask=cmask[:, None] & ka_mask[None, :],
-                   other=0.0).to(tl.float32)
-    if FP16_DOT:
-        o = tl.dot(act_a.to(tl.float16), tl.trans(lw_a.to(tl.float16)))
-    else:
-        o = tl.dot(act_a, tl.trans(lw_a), input_precision="ieee")
-    if WB > 0:
-        lw_b = tl.load(lbase + c[:, None] * WIDTH + kb[None, :], mask=cmask[:, None] & kb_mask[None, :],
-                       other=0.0).to(tl.float32)
-        if FP16_DOT:
-            o = tl.dot(act_b.to(tl.float16), tl.trans(lw_b.to(tl.float16)), o)
-        else:
-            o = tl.dot(act_b, tl.trans(lw_b), o, input_precision="ieee")
-    lb = tl.load(last_b_ptr + img * 3 + c, mask=cmask, other=0.0).to(tl.float32)
-    pix = tl.minimum(tl.maximum((o + lb[None, :]) * 0.5 + 0.5, 0.0), 1.0)
-    pix = tl.where(valid, pix, invalid_value)  # NaN (a runtime argument: no float("nan") in triton code)
-
-    offs = (b.to(tl.int64) * stride_ob + c[None, :].to(tl.int64) * stride_oc
-            + row[:, None].to(tl.int64) * stride_oh + col[:, None].to(tl.int64) * stride_ow)
-    tl.store(out_ptr + offs, pix.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+            for layer in range(NUM_HIDDEN):
+                w_l, low_l, b_l = STAGE(hidden_w_ptr, hidden_scale_ptr, hidden_b_ptr, wimg, img, layer, w0,
+                                        WIDTH, WP, NUM_HIDDEN, ONES, DOT_F16)
+                z = tl.dot(act, w_l, input_precision="ieee")
+                if SPLIT:
+                    z = tl.dot(act, low_l, z, input_precision="ieee")
+                if ONES == 0:
+                    z = tl.dot(ones, b_l, z, input_precision="ieee")
+                act = SINE(z, FAST_SIN, RANGE_REDUCE)
+                if LIVE < WP:
+                    act = tl.where(live[None, :], act, 0.0)
+                act = act.to(dot_dtype)
+        o = tl.dot(act, last_w, input_precision="ieee") + last_b[None, :]
+        pix = tl.clamp(o, 0.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        offs = c[None, :] * stride_oc + p[:, None] * stride_op
+        tl.store(out_img + offs, pix.to(out_ptr.dtype.element_ty), mask=(p < npix)[:, None] & cmask[None, :])
 
 
 def _add(a, b):
@@ -219,144 +294,276 @@ def _expand_hidden_kernel(idx_ptr, masks_ptr, offsets_ptr, values_ptr, out_ptr, 
         taken += count
 
 
-_KERNELS: dict[bool, tuple] = {}
-_EXPAND_KERNELS: dict[bool, tuple] = {}
+# Integer arguments that change with the output size, the batch or out's layout: not specialized on (16-
+# divisibility, == 1), so decoding another size or layout reuses the compiled kernel. Pointers are not
+# specialized on 16-byte alignment either: the kernel's loads and stores are element-wise, and a binary that
+# does not depend on alignment can be relaunched directly (see _Plan) and is the one kernel_report.py reads.
+DECODE_RUNTIME_INTS = ("num_images", "npix", "out_w", "tiles_per_image", "groups_per_image", "tiles_per_program",
+                       "stride_ob", "stride_oc", "stride_op")
+DECODE_POINTERS = ("idx_ptr", "theta_ptr", "out_ptr", "first_w_ptr", "first_b_ptr", "hidden_w_ptr",
+                   "hidden_scale_ptr", "hidden_b_ptr", "last_w_ptr", "last_b_ptr")
 
 
-def _kernel(interpret: bool):
-    """(kernel, sine helper) for the current mode; triton.jit reads TRITON_INTERPRET when it wraps. The
-    interpreter runs the kernel as Python, so its helper is the plain function."""
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = (triton.jit(_siren_decode_kernel), _sine if interpret else triton.jit(_sine))
-    return _KERNELS[interpret]
+class _Jitted(NamedTuple):
+    decode: object
+    sine: object
+    stage: object
+    expand: object
+    add: object
 
 
-def _expand_kernel(interpret: bool):
-    """(kernel, add helper) for the current mode, as _kernel."""
-    if interpret not in _EXPAND_KERNELS:
-        # Interpreted, the scan's combine function is jitted now, under TRITON_INTERPRET (the interpreter
-        # calls it through .fn); compiled, the kernel uses tl.cumsum/tl.sum.
-        _EXPAND_KERNELS[interpret] = (triton.jit(_expand_hidden_kernel), triton.jit(_add) if interpret else None)
-    return _EXPAND_KERNELS[interpret]
+@functools.lru_cache(maxsize=2)
+def _jitted(interpret: bool) -> _Jitted:
+    """The jitted kernels and helpers for one mode; triton.jit reads TRITON_INTERPRET when it wraps. The
+    interpreter runs the kernel as Python, so its helpers are the plain functions; compiled, the expansion
+    kernel's scan uses tl.cumsum/tl.sum (a combine function cannot be a constexpr there), interpreted it
+    needs `_add` jitted now (the interpreter calls it through .fn)."""
+    return _Jitted(decode=triton.jit(_siren_decode_kernel, do_not_specialize=DECODE_RUNTIME_INTS,
+                                     do_not_specialize_on_alignment=DECODE_POINTERS),
+                   sine=_sine if interpret else triton.jit(_sine),
+                   stage=_stage_hidden_layer if interpret else triton.jit(_stage_hidden_layer),
+                   expand=triton.jit(_expand_hidden_kernel), add=triton.jit(_add) if interpret else None)
 
 
-EXPAND_BLOCK = 1024  # bitmap positions per step of the expansion kernel
+def padded_width(width: int) -> int:
+    """Units held for a net of `width`: the next power of two, at least 16 (tl.dot's shapes)."""
+    return max(MIN_DOT, triton.next_power_of_2(width))
+
+
+@functools.lru_cache(maxsize=None)
+def supports(arch) -> bool:
+    """True when the kernel can decode nets of this architecture (held width <= MAX_PADDED_WIDTH)."""
+    return padded_width(arch.width) <= MAX_PADDED_WIDTH
+
+
+class KernelConfig(NamedTuple):
+    """How the kernel decodes one net: its constexpr arguments (without the helper functions) and launch
+    options. From `kernel_config`; read by the static report (tools/kernel_report.py) too."""
+
+    constexprs: dict
+    num_warps: int
+    maxnreg: int | None
+
+
+def default_tile(held: int) -> tuple[int, int, int | None]:
+    """(pixels per tile, warps, register cap) by held width WP, chosen from tools/kernel_report.py's static
+    figures (BENCHMARKS.md): 4 warps (one warpgroup: with two, triton 3.9 puts a CTA barrier after every
+    wgmma wait) capped at 128 registers; 128-pixel tiles up to 32 units (4-5 programs per SM), 64 beyond."""
+    return (128 if held <= 32 else 64), 4, (128 if held <= 64 else None)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_config(width: int, hidden_layers: int, *, has_theta: bool = True, fast_sin: bool = True,
+                  range_reduce: bool = False, fp16_dot: bool = True, hidden_by_batch: bool = False,
+                  block_pixels: int | None = None, num_warps: int | None = None) -> KernelConfig:
+    """The kernel configuration for a net of `width` x (hidden_layers + 1) sine layers with decode_triton's
+    options (see there and the module docstring for the meaning of each constexpr). Cached: one per distinct
+    argument set."""
+    held = padded_width(width)
+    if held > MAX_PADDED_WIDTH:
+        raise InrUsageError(f"the triton decoder supports widths up to {MAX_PADDED_WIDTH}, this net has "
+                            f"width {width}; use backend='torch'")
+    default_pixels, default_warps, maxnreg = default_tile(held)
+    if block_pixels is None:
+        block_pixels = default_pixels
+    elif block_pixels < MIN_DOT or block_pixels & (block_pixels - 1):
+        raise InrUsageError(f"block_pixels must be a power of two >= {MIN_DOT}, got {block_pixels}")
+    if num_warps is not None:
+        maxnreg = None
+    ones = ONE_UNITS if held - width >= ONE_UNITS else 0
+    live = min(held, -(-(width + ones) // MMA_COLUMNS) * MMA_COLUMNS)
+    staged_bytes = hidden_layers * held * held * (2 if fp16_dot else 4)
+    staged = hidden_layers <= MAX_STAGED_LAYERS and staged_bytes <= MAX_STAGED_BYTES
+    # The float16 low parts of the hidden weights, where their tiles fit too: they halve the fp16 path's
+    # error on trained nets (BENCHMARKS.md) for one more tensor-core dot per layer.
+    split = fp16_dot and (not staged or 2 * staged_bytes <= MAX_STAGED_BYTES)
+    constexprs = dict(WIDTH=int(width), WP=held, NUM_HIDDEN=int(hidden_layers), ONES=ones, LIVE=live,
+                      BLOCK_P=int(block_pixels), HAS_THETA=bool(has_theta), FAST_SIN=bool(fast_sin),
+                      RANGE_REDUCE=bool(range_reduce), DOT_F16=bool(fp16_dot), SPLIT=bool(split),
+                      HIDDEN_BY_BATCH=bool(hidden_by_batch), STAGED=staged)
+    return KernelConfig(constexprs, num_warps or default_warps, maxnreg)
+
+
+PROGRAMS_PER_SM = 16  # programs per SM a launch aims at: about 4 waves of 4 resident programs
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def program_tiles(tiles_per_image: int, batch: int, sm_count: int) -> int:
+    """Tiles per program: as many as leaves about PROGRAMS_PER_SM programs per SM (each program stages its
+    image's weights once), balanced so that an image's groups differ by at most one tile."""
+    want = max(1, -(-tiles_per_image * batch // (sm_count * PROGRAMS_PER_SM)))
+    groups = -(-tiles_per_image // min(want, tiles_per_image))
+    return -(-tiles_per_image // groups)
+
+
+class _Plan:
+    """What every launch of one kernel configuration on one device shares: the kernel, its constexpr
+    arguments, launch options and, once the first launch has compiled it, triton's compiled kernel, which
+    later launches call directly (no argument binding or specialization: the kernel is compiled without
+    value or alignment specialization, and the plan's key holds everything else it was compiled for)."""
+
+    __slots__ = ("device", "interpret", "kernel", "constexprs", "trailing", "options", "block", "compiled")
+
+    def __init__(self, device, interpret, kernel, constexprs: dict, options: dict, block: int = 0):
+        self.device, self.interpret, self.kernel, self.block = device, interpret, kernel, block
+        self.constexprs, self.options = constexprs, options
+        # A direct launch passes every parameter by position; the constexprs are the kernel's last ones.
+        self.trailing = tuple(constexprs[name] for name in kernel.arg_names if name in constexprs)
+        self.compiled = None
+
+    def launch(self, grid: tuple[int, int, int], args) -> None:
+        """One launch on the device's current stream (so a CUDA graph being captured records it)."""
+        if self.interpret:
+            self.kernel[grid](*args, **self.constexprs)
+        elif self.device.index == torch.cuda.current_device():
+            self._launch(grid, args)
+        else:
+            with torch.cuda.device(self.device):
+                self._launch(grid, args)
+
+    def _launch(self, grid, args) -> None:
+        if self.compiled is not None:
+            self.compiled[grid](*args, *self.trailing)
+        else:
+            compiled = self.kernel[grid](*args, **self.constexprs, **self.options)
+            self.compiled = compiled if callable(getattr(compiled, "__getitem__", None)) else None
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _decode_plan(key, device, interpret, arch, has_theta, fast_sin, range_reduce, fp16_dot, by_batch,
+                 block_pixels, num_warps) -> _Plan:
+    config = kernel_config(arch.width, arch.hidden_layers, has_theta=has_theta, fast_sin=fast_sin,
+                           range_reduce=range_reduce, fp16_dot=fp16_dot, hidden_by_batch=by_batch,
+                           block_pixels=block_pixels, num_warps=num_warps)
+    jitted = _jitted(interpret)
+    options = {"num_warps": config.num_warps}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    plan = _Plan(device, interpret, jitted.decode, dict(config.constexprs, SINE=jitted.sine, STAGE=jitted.stage),
+                 options, config.constexprs["BLOCK_P"])
+    _PLANS[key] = plan
+    return plan
+
+
+def _expand_plan(key, device, interpret, total) -> _Plan:
+    jitted = _jitted(interpret)
+    plan = _Plan(device, interpret, jitted.expand,
+                 dict(TOTAL=total, BLOCK=min(EXPAND_BLOCK, triton.next_power_of_2(total)), INTERPRETED=interpret,
+                      ADD=jitted.add), {"num_warps": 4})
+    _PLANS[key] = plan
+    return plan
 
 
 def expand_hidden(bank, idx: torch.Tensor) -> torch.Tensor:
     """[B,H,W,W] hidden weights (storage dtype) of images `idx` (int64 on the bank's device) of a compact
-    bank, in one launch of one program per image. Same result as bank.hidden_dense(idx)."""
+    bank, in one launch of one program per image. Same result as bank.hidden_dense(idx). Allocates its
+    result; no host synchronization."""
     batch = idx.numel()
-    out = torch.empty((batch, *bank.hidden_shape), dtype=bank.hidden_values.dtype, device=bank.device)
+    values = bank.hidden_values
+    device = values.device
+    out = torch.empty((batch, *bank.hidden_shape), dtype=values.dtype, device=device)
     if batch == 0:
         return out
-    if bank.hidden_values.numel() == 0:  # everything pruned: nothing to read
+    if values.numel() == 0:  # everything pruned: nothing to read
         return out.zero_()
+    interpret = triton_interpreted()
     total = bank.hidden_total
-    kernel, add = _expand_kernel(triton_interpreted())
-    args = (idx, bank.hidden_masks, bank.hidden_offsets, bank.hidden_values, out, bank.num_images,
-            bank.hidden_masks.shape[1])
-    meta = dict(TOTAL=total, BLOCK=min(EXPAND_BLOCK, triton.next_power_of_2(total)), INTERPRETED=add is not None,
-                ADD=add)
-    if bank.device.type == "cuda":
-        with torch.cuda.device(bank.device):
-            kernel[(batch,)](*args, **meta, num_warps=4)
-    else:
-        kernel[(batch,)](*args, **meta)
+    key = ("expand", device, interpret, total, values.dtype)
+    plan = _PLANS.get(key) or _expand_plan(key, device, interpret, total)
+    plan.launch((batch, 1, 1), (idx, bank.hidden_masks, bank.hidden_offsets, values, out, bank.num_images,
+                           bank.hidden_masks.shape[1]))
     return out
 
 
-def padded_width(width: int) -> int:
-    return max(MIN_DOT, triton.next_power_of_2(width))
+def check_device(device: torch.device, interpret: bool | None = None) -> None:
+    """Raise InrUsageError unless the kernels can run on `device`: CUDA, or anything under TRITON_INTERPRET."""
+    if device.type != "cuda" and not (triton_interpreted() if interpret is None else interpret):
+        raise InrUsageError(f"the triton decoder needs a CUDA bank (this bank is on {device}); "
+                            "set TRITON_INTERPRET=1 to run it in triton's CPU interpreter")
 
 
-def width_blocks(width: int, split: bool = True) -> tuple[int, int]:
-    """(WA, WB): the width held as one power-of-two block (WB = 0), or as two (WA + WB units) when that
-    is narrower than padding to the next power of two - 40 -> 32 + 16 = 48 instead of 64 (25% fewer sines
-    and 44% fewer MACs per hidden layer)."""
-    padded = padded_width(width)
-    if not split or padded == width or width <= MIN_DOT:
-        return padded, 0
-    wa = padded // 2
-    wb = max(MIN_DOT, triton.next_power_of_2(width - wa))
-    return (wa, wb) if wa + wb < padded else (padded, 0)
-
-
-def default_config(width: int, split: bool = True) -> tuple[int, int]:
-    """(pixels per program, warps) by held width; 128-pixel tiles were the prototype's best at width 32."""
-    held = sum(width_blocks(width, split))
-    if held <= 32:
-        return 128, 4
-    if held <= 64:
-        return 64, 4
-    return 32, 4
+@functools.lru_cache(maxsize=64)
+def _grid(npix: int, batch: int, block: int, sm_count: int) -> tuple[int, int, int]:
+    """(tiles per image, groups per image, tiles per program) of a launch."""
+    tiles = -(-npix // block)
+    per_program = program_tiles(tiles, batch, sm_count)
+    return tiles, -(-tiles // per_program), per_program
 
 
 def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.float32, fast_sin=None,
-                  range_reduce=None, fp16_dot=True, split_width=True, block_pixels=None,
-                  num_warps=None) -> torch.Tensor:
+                  range_reduce=False, fp16_dot=True, block_pixels=None, num_warps=None,
+                  tiles_per_program=None) -> torch.Tensor:
     """Fused-kernel decode; same arguments and result as decode.decode_torch.
 
-    fast_sin: sin.approx.f32 (default on CUDA; not available in the interpreter). range_reduce: reduce sine
-    arguments to [-pi, pi] first (default: with fast_sin). fp16_dot=False runs the matmuls in exact fp32
-    ("ieee") for exactness checks. split_width=False pads the width to one power of two instead of two
-    blocks (see width_blocks). block_pixels/num_warps override the tile config.
+    fast_sin: sin.approx.f32 (default on CUDA; not available in the interpreter). range_reduce=True reduces
+    every sine argument to [-pi, pi] first: not needed for accuracy (measured in BENCHMARKS.md: the largest
+    |z| of trained and random nets is about 100 in the first layer even with 3x zoomed-out coordinates and
+    20 in the hidden layers, where sin.approx adds at most 3e-5 to the pixel error; its argument error
+    reaches the 5e-4 tolerance near |z| = 8000), so off by default. fp16_dot=False runs the matmuls in exact
+    fp32 ("ieee") for exactness checks. block_pixels, num_warps and tiles_per_program override the launch
+    configuration (kernel_config, program_tiles).
+
+    Host cost and graph capture: with `indices` (and `theta`) already on the bank's device and `out`
+    preallocated, a call of a dense bank neither synchronizes with the device nor allocates: its argument
+    checks read only tensor metadata, and the configuration, grid and compiled kernel are cached per
+    argument set and launched directly after the first call (which compiles). Such a call can therefore be
+    captured in a CUDA graph after one warm-up call, and replays read the current contents of `indices`,
+    `theta` and the bank. A compact bank's call also expands the batch's weights into a [B,H,W,W]
+    temporary (one more launch, no synchronization; under capture it comes from the graph's memory pool).
+    Host-side indices or theta are checked and copied to the device, which synchronizes. README.md gives
+    the measured per-call costs.
     """
     interpret = triton_interpreted()
-    device = bank.device
-    if device.type != "cuda" and not interpret:
-        raise InrUsageError(f"the triton decoder needs a CUDA bank (this bank is on {device}); "
-                            "set TRITON_INTERPRET=1 to run it in triton's CPU interpreter")
+    device = bank.first_w.device
+    check_device(device, interpret)
     if fast_sin is None:
         fast_sin = not interpret
     if fast_sin and interpret:
         raise InrUsageError("fast_sin (sin.approx.f32 inline PTX) cannot run in triton's interpreter")
-    if range_reduce is None:
-        range_reduce = fast_sin
     h, w = parse_size(size)
+    npix = h * w
+    if npix > MAX_PIXELS:
+        raise InrUsageError(f"the triton decoder decodes at most {MAX_PIXELS} pixels per image, {h}x{w} is "
+                            f"{npix}; use backend='torch'")
     idx = prepare_indices(bank, indices)
     batch = idx.numel()
     theta = prepare_theta(theta, batch, device)
     out = prepare_out(out, batch, h, w, dtype, device)
     if batch == 0:
         return out
+    stride_ob, stride_oc = out.stride(0), out.stride(1)
+    stride_op = pixel_stride(out)
+    if 2 * abs(stride_oc) + npix * abs(stride_op) >= 2 ** 31 or abs(stride_ob) >= 2 ** 31:
+        raise InrUsageError(f"out's strides {list(out.stride())} are too large for the triton decoder's 32-bit "
+                            "offsets; use a contiguous or channels_last out")
     arch = bank.arch
-    width = arch.width
-    default_pixels, default_warps = default_config(width, split_width)
-    block_pixels = block_pixels or default_pixels
-    num_warps = num_warps or default_warps
-    if block_pixels < MIN_DOT or block_pixels & (block_pixels - 1):
-        raise InrUsageError(f"block_pixels must be a power of two >= {MIN_DOT}, got {block_pixels}")
-    tiles = triton.cdiv(h * w, block_pixels)
-    grid = (batch * tiles,)
-    if grid[0] >= 2 ** 31:
-        raise InrUsageError(f"batch {batch} at {h}x{w} needs {grid[0]} programs; decode fewer images at once")
     hidden = bank.hidden_w
     by_batch = hidden is None
-    if by_batch:  # compact bank: this batch's weights, expanded once (a [B,H,W,W] temporary)
-        hidden = expand_hidden(bank, idx)
-    args = (
-        idx, theta if theta is not None else idx, out,
-        bank.first_w, bank.first_b, hidden, bank.hidden_scale, bank.hidden_b, bank.last_w, bank.last_b,
-        bank.num_images, h, w, tiles,
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        float(arch.first_w0), float(arch.w0), float("nan"),
-    )
-    meta = _constexprs(width, arch.hidden_layers, block_pixels, theta is not None, fast_sin, range_reduce, fp16_dot,
-                       split_width, by_batch)
-    kernel, sine = _kernel(interpret)
-    meta["SINE"] = sine
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[grid](*args, **meta, num_warps=num_warps)
+    key = (device, interpret, arch.width, arch.hidden_layers, theta is not None, fast_sin, range_reduce, fp16_dot,
+           by_batch, block_pixels, num_warps, bank.first_w.dtype,
+           (bank.hidden_values if by_batch else hidden).dtype, out.dtype)
+    plan = _PLANS.get(key) or _decode_plan(key, device, interpret, arch, theta is not None, bool(fast_sin),
+                                           bool(range_reduce), bool(fp16_dot), by_batch, block_pixels, num_warps)
+    if tiles_per_program:
+        tiles = -(-npix // plan.block)
+        groups, per_program = -(-tiles // tiles_per_program), tiles_per_program
     else:
-        kernel[grid](*args, **meta)
+        tiles, groups, per_program = _grid(npix, batch, plan.block, _sm_count(device))
+    if batch * groups >= 2 ** 31:
+        raise InrUsageError(f"batch {batch} at {h}x{w} needs {batch * groups} programs; decode fewer images at once")
+    if by_batch:  # a compact bank's batch, expanded first (a [B,H,W,W] temporary) and read by batch position
+        hidden = expand_hidden(bank, idx)
+    plan.launch((batch * groups, 1, 1), (
+        idx, idx if theta is None else theta, out,
+        bank.first_w, bank.first_b, hidden, bank.hidden_scale, bank.hidden_b, bank.last_w, bank.last_b,
+        bank.num_images, npix, w, tiles, groups, per_program, stride_ob, stride_oc, stride_op,
+        1.0 / h, 1.0 / w, arch.first_w0, arch.w0, math.nan))
     return out
-
-
-def _constexprs(width, hidden_layers, block_pixels, has_theta, fast_sin, range_reduce, fp16_dot, split,
-                hidden_by_batch) -> dict:
-    wa, wb = width_blocks(width, split)
-    return dict(WIDTH=int(width), WA=wa, WB=wb, NUM_HIDDEN=int(hidden_layers), OUT_PAD=OUT_PAD,
-                BLOCK_P=int(block_pixels), HAS_THETA=bool(has_theta), FAST_SIN=bool(fast_sin),
-                RANGE_REDUCE=bool(range_reduce), FP16_DOT=bool(fp16_dot), HIDDEN_BY_BATCH=bool(hidden_by_batch))
