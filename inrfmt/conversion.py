@@ -304,7 +304,9 @@ class _Encoder:
                 progress.batch_done(infos[b], *self.ranges[b])
         except KeyboardInterrupt:
             progress.close()
-            saved = sum(1 for b in self.batches if b in infos)
+            # A batch stopped right after its part file was renamed into place is saved too.
+            saved = sum(1 for b in self.batches if b in infos or (
+                b in todo and self.work.valid_part(b, self.part_hash, *self.ranges[b]) is not None))
             raise InrInterrupted(f"interrupted: {saved} of {len(self.batches)} batches are saved in {self.work.path}; "
                                  f"resume with: {self.resume_command}") from None
         finally:
