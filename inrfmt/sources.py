@@ -1,4 +1,5 @@
-"""Streaming image sources for `convert`: an image folder, CIFAR pickle batches, HDF5, .npy / .npz.
+"""Streaming image sources for `convert`: an image folder, CIFAR pickle batches, HDF5, .npy / .npz (and,
+through `inrfmt.archive_sources`, WebDataset tar shards and Parquet files).
 
 Every source is random-access by index and lazy: opening one makes only a listing (file names, array
 shapes, labels); pixels are read by `load(i)`. Each sample comes back as an RGB uint8 [H, W, 3] array at its
@@ -6,10 +7,12 @@ original size, whatever the stored mode, so the encoder sees one kind of image.
 
 Kinds (chosen by `open_source` from what SRC is):
 
-* image folder: ``SRC/<class>/<file>`` with .jpg .jpeg .png .webp .bmp (any letter case). Labels are the
-  index of the class folder in sorted order. A folder of images with no class folders gives label -1 and
-  ``classes == []``. Items are sorted by name, so the order is the same on every machine. Hidden entries
-  (names starting with ".") are skipped. Only the top level and one level of class folders are read.
+* image folder: ``SRC/<class>/**/<file>`` with .jpg .jpeg .png .webp .bmp .tif .tiff .gif (any letter
+  case; a GIF or multi-page TIFF gives its first frame), at any depth below the class folder (torchvision's
+  ImageFolder rule: the class is the top-level folder). Labels are the index of the class folder in sorted
+  order. A folder of images with no class folders gives label -1 and ``classes == []``. Items are sorted
+  by relative path, so the order is the same on every machine; the key is that path. Everything else
+  (other extensions, hidden files and folders) is recorded in `unread` with the reason.
 * CIFAR-10 / CIFAR-100 python pickle batches: a folder that holds ``data_batch_*`` (CIFAR-10) or ``train``
   (CIFAR-100) reads those training batches, in numeric order; the test split is read by pointing SRC at the
   ``test_batch`` / ``test`` file itself (a folder never mixes the two splits). A single batch file, or a list

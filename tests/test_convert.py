@@ -319,25 +319,27 @@ def _stop_after_parts(args, out, parts, sig):
 
 
 def test_ctrl_c_and_sigterm_say_what_is_saved_and_resume_takes_the_saved_settings(tmp_path):
-    src = tiny_folder(tmp_path / "src", 6)
+    src = tiny_folder(tmp_path / "src", 12, size=(16, 16))
     out = tmp_path / "run.inr"
-    options = ["--steps", "60", "--batch-size", "1", "--seed", "3", "--reproducible", "--quiet", "--device", "cpu"]
-    for sig, code, parts in ((signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 3)):
+    options = ["--steps", "100", "--batch-size", "1", "--seed", "3", "--reproducible", "--quiet", "--device", "cpu"]
+    saved = 0
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         args = [src, out, *options] if sig == signal.SIGTERM else ["--resume", out, "--quiet"]
-        rc, err = _stop_after_parts(args, out, parts, sig)
+        rc, err = _stop_after_parts(args, out, saved + 1, sig)  # one more batch than the last time
         lines = [line for line in err.splitlines() if line.strip()]
         assert rc == code and len(lines) == 1, (rc, err)
-        saved = int(lines[0].split("interrupted: ")[1].split(" of ")[0])
-        assert parts <= saved < 6 and f"of 6 batches are saved in {work_dir_for(out)}" in lines[0]
+        now = int(lines[0].split("interrupted: ")[1].split(" of ")[0])
+        assert saved < now < 12 and f"of 12 batches are saved in {work_dir_for(out)}" in lines[0]
         assert lines[0].endswith(f"resume with: inrfmt convert --resume {out}") and "Traceback" not in err
+        saved = now
     # An option that contradicts the saved settings is named; SRC and the rest may be left out.
     proc = cli("convert", "--resume", out, "--steps", "61", check=False)
-    assert proc.returncode == 2 and "--steps 61 conflicts" in proc.stderr and "steps = 60" in proc.stderr
+    assert proc.returncode == 2 and "--steps 61 conflicts" in proc.stderr and "steps = 100" in proc.stderr
     proc = cli("convert", tmp_path / "elsewhere", out, "--resume", check=False)
     assert proc.returncode == 2 and "is not the source of the interrupted run" in proc.stderr
     cli("convert", "--resume", out, "--seed", "3", "--device", "cpu", "--quiet")  # agreeing options are fine
     straight = tmp_path / "straight.inr"
-    convert(src, straight, steps=60, batch_size=1, seed=3, reproducible=True, progress=False, device="cpu")
+    convert(src, straight, steps=100, batch_size=1, seed=3, reproducible=True, progress=False, device="cpu")
     assert out.read_bytes() == straight.read_bytes()
     proc = cli("convert", "--resume", tmp_path / "nothing.inr", check=False)
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr
