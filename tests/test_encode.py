@@ -24,14 +24,7 @@ SAMPLE = ROOT / "data" / "sample"
 ARCH = Architecture(sine_layers=3, width=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These fits are many small ops: one torch thread runs them as fast as two on an idle box and is not
-    # slowed down by thread hand-offs on a busy one (a 28 s test became 1.3 s under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sample_images(n, size=None):
