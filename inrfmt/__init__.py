@@ -3,14 +3,14 @@
 The public API is small:
 
     inrfmt.open(path, device=None, *, bank_layout="auto") -> InrDataset   # the whole file on the device
-    inrfmt.convert(src, out, preset=...)           # encode a folder / CIFAR / HDF5 / npy source
+    inrfmt.convert(src, out, preset=...)           # encode a folder / CIFAR / HDF5 / npy / WebDataset / Parquet source
     inrfmt.merge(out, parts)                       # join the part files of a sharded convert
     inrfmt.InrDataset, inrfmt.InrLoader
-    inrfmt.InrFormatError, inrfmt.InrUsageError
+    inrfmt.InrFormatError, inrfmt.InrUsageError, inrfmt.InrInterrupted
 
 Names resolve lazily, so `import inrfmt.format` (numpy only) does not import torch.
 """
-from .errors import InrFormatError, InrUsageError
+from .errors import InrFormatError, InrInterrupted, InrUsageError
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,7 @@ _LAZY = {
 }
 
 __all__ = ["open", "convert", "merge", "InrDataset", "InrLoader", "InrFormatError", "InrUsageError",
-           "__version__"]
+           "InrInterrupted", "__version__"]
 
 
 def __getattr__(name):

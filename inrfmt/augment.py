@@ -5,10 +5,13 @@ pixels but a change of where the network is evaluated. Each geometric op draws, 
 batch at once (torch ops on the batch's device, no per-image Python loop, no host sync), an axis-aligned
 affine map of the sampling grid; the pipeline composes them into one `theta [B,2,3]` that the decoder
 applies (output coords (x, y) in [-1, 1] -> source coords, the `F.affine_grid(align_corners=False)`
-convention of docs/internals.md). `Normalize` and the fill of padded areas run on the decoded batch,
-in place.
+convention of docs/internals.md). Pixel ops run on the decoded batch after that: the fill of padded
+areas, `ColorJitter`, `RandomErasing`, `Normalize`, and any callable taking and returning a [B,3,H,W]
+batch (e.g. a torchvision transform that accepts batched tensors). Pixel ops draw their per-image
+parameters when the plan is made, with the geometric ones.
 
-    pipeline = Compose([RandomResizedCrop(224), RandomHorizontalFlip(), Normalize(mean, std)])
+    pipeline = Compose([RandomResizedCrop(224), RandomHorizontalFlip(), ColorJitter(0.4, 0.4, 0.4),
+                        Normalize(mean, std)])
     plan = pipeline(heights, widths, generator=g)       # heights/widths: [B] native sizes on the device
     images = plan.finish(decode(bank, idx, plan.size, plan.theta))
 
@@ -23,9 +26,11 @@ documented differences:
   padded-from image get `fill` (default 0, in [0, 1] pixel units, before `Normalize`). The SIREN is
   never asked to extrapolate beyond [-1, 1]. "edge"/"reflect"/"symmetric" are piecewise maps that one
   affine theta cannot express, so they raise `InrUsageError`.
-* Random numbers come from the given device `torch.Generator`, so a batch's draws are a pure function
-  of its seed; they do not reproduce torchvision's own random stream.
-* Geometric ops must come before `Normalize` (a fill after normalising would mean something else).
+* Random numbers come from the given device `torch.Generator`, or with `keys` (int64 [B], one per image)
+  from the counter-based generator of `inrfmt.rng`: then each image's draws are a pure function of its own
+  key, whatever else is in the batch (the loader uses this to decode several batches at once). Either
+  way they do not reproduce torchvision's own random stream.
+* Geometric ops must come before the pixel ops (a fill after normalising would mean something else).
 """
 from __future__ import annotations
 
@@ -35,11 +40,13 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from . import rng
+from .decode_args import resized_size
 from .errors import InrUsageError
 
 __all__ = ["AugmentPlan", "Transform", "Compose", "RandomResizedCrop", "RandomHorizontalFlip",
            "RandomVerticalFlip", "RandomCrop", "RandomTranslate", "Resize", "CenterCrop", "Normalize",
-           "with_output_size"]
+           "ColorJitter", "RandomErasing", "Lambda", "with_output_size"]
 
 # A padded area is hit when a pixel centre's source point lies outside the padded-from image by more
 # than this (in [-1, 1] units); integer-pixel crops put centres at least half a pixel from an edge.
@@ -48,22 +55,33 @@ _MATH = torch.float64  # dtype of the per-image sizes and maps while composing (
 
 
 class AugmentPlan(NamedTuple):
-    """What a pipeline decided for one batch: decode with `theta` at `size`, then call `finish`."""
+    """What a pipeline decided for one batch: decode with `theta` at `size`, then call `finish`.
+
+    `finish(images, rows=slice(None))` runs the pixel ops on decoded images: all B of them, or the rows
+    `rows` of the batch the plan was made for (then `images` holds just those rows). `per_image` is True
+    when the pipeline has no plain callable, so the pixel ops treat each image on its own and may be run
+    on several planned batches at once."""
 
     theta: torch.Tensor | None  # [B,2,3] float32 on the batch's device; None: identity
     size: tuple[int, int]  # (h, w) of the decoded output
-    finish: Callable[[torch.Tensor], torch.Tensor]  # fills + Normalize, in place on the decoded batch
+    finish: Callable[..., torch.Tensor]  # fills and pixel ops, in place where they can be
+    per_image: bool = True
+
+
+def _cached(cache: dict, key, limit: int, make) -> torch.Tensor:
+    """cache[key], made by make() on first use; the cache is emptied when it holds more than `limit`."""
+    t = cache.get(key)
+    if t is None:
+        if len(cache) > limit:
+            cache.clear()
+        t = cache[key] = make()
+    return t
 
 
 def _constant(values, device) -> torch.Tensor:
     """A small float64 constant on `device`, uploaded once and cached (no host->device copy per batch)."""
-    key = (str(device), tuple(values))
-    t = _CONSTANTS.get(key)
-    if t is None:
-        if len(_CONSTANTS) > 1024:
-            _CONSTANTS.clear()
-        t = _CONSTANTS[key] = torch.tensor(values, dtype=_MATH, device=device)
-    return t
+    return _cached(_CONSTANTS, (str(device), tuple(values)), 1024,
+                   lambda: torch.tensor(values, dtype=_MATH, device=device))
 
 
 _CONSTANTS: dict = {}
@@ -72,13 +90,7 @@ _GRIDS: dict = {}
 
 def _pixel_centres(n: int, device) -> torch.Tensor:
     """[n] pixel-centre coordinates -1 + (2k + 1) / n (float64), cached per (n, device)."""
-    key = (str(device), n)
-    t = _GRIDS.get(key)
-    if t is None:
-        if len(_GRIDS) > 256:
-            _GRIDS.clear()
-        t = _GRIDS[key] = (torch.arange(n, device=device, dtype=_MATH) * 2 + 1) / n - 1
-    return t
+    return _cached(_GRIDS, (str(device), n), 256, lambda: (torch.arange(n, device=device, dtype=_MATH) * 2 + 1) / n - 1)
 
 
 class _View:
@@ -91,10 +103,12 @@ class _View:
     is a few dozen small kernel launches per batch, whatever the batch size.
     """
 
-    def __init__(self, heights: torch.Tensor, widths: torch.Tensor, native_size, generator):
+    def __init__(self, heights: torch.Tensor, widths: torch.Tensor, native_size, generator, keys=None):
         device = heights.device
         self.device = device
         self.generator = generator
+        self.keys = keys
+        self.draws = 0  # rand() calls so far: each takes its own stream of the counter-based generator
         self.batch = heights.shape[0]
         self.extent = torch.stack([widths.to(device), heights], dim=1).to(_MATH)
         self.scale = torch.ones(self.batch, 2, device=device, dtype=_MATH)
@@ -107,6 +121,10 @@ class _View:
         return _constant(values, self.device)
 
     def rand(self, *shape) -> torch.Tensor:
+        """[B, *shape] uniform in [0, 1) (float64): per image from its key, or from the generator."""
+        self.draws += 1
+        if self.keys is not None:
+            return rng.uniform(self.keys, shape, stream=self.draws)
         return torch.rand(self.batch, *shape, device=self.device, generator=self.generator, dtype=_MATH)
 
     def compose(self, scale=None, offset=None) -> None:
@@ -200,17 +218,19 @@ class Transform:
     def _apply(self, view: _View) -> None:  # geometric ops
         raise NotImplementedError
 
-    def _post(self, images: torch.Tensor) -> torch.Tensor:  # post ops
+    def _pixels(self, view: _View, size: tuple[int, int]):
+        """A pixel op's work for the planned batch: draws its per-image parameters now and returns
+        fn(images, rows) applying them to the decoded rows `rows` of the batch."""
         raise NotImplementedError
 
     def _ops(self) -> list["Transform"]:
         return [self]
 
     def __call__(self, heights: torch.Tensor, widths: torch.Tensor, *, generator: torch.Generator | None = None,
-                 native_size: tuple[int, int] | None = None) -> AugmentPlan:
+                 native_size: tuple[int, int] | None = None, keys: torch.Tensor | None = None) -> AugmentPlan:
         if not isinstance(heights, torch.Tensor):
             raise InrUsageError("augment: heights/widths must be tensors of the batch's native sizes")
-        view = _View(heights, widths, native_size, generator)
+        view = _View(heights, widths, native_size, generator, keys)
         ops = self._ops()
         posts: list[Transform] = []
         for op in ops:
@@ -218,7 +238,7 @@ class Transform:
                 posts.append(op)
             elif posts:
                 raise InrUsageError(f"augment: {type(op).__name__} comes after {type(posts[-1]).__name__}; "
-                                    f"put geometric transforms before Normalize")
+                                    f"put geometric transforms before {type(posts[-1]).__name__} (a pixel op)")
             else:
                 op._apply(view)
         if view.size is None:
@@ -229,19 +249,21 @@ class Transform:
         size = view.size
         theta = view.theta() if view.geometric else None
         fill_masks = _fill_masks(view, size) if view.fills else []
+        pixel_ops = [op._pixels(view, size) for op in posts]
 
-        def finish(images: torch.Tensor) -> torch.Tensor:
+        def finish(images: torch.Tensor, rows=slice(None)) -> torch.Tensor:
             for outside, fill in fill_masks:
+                outside = outside[rows]
                 if fill[0] == fill[1] == fill[2]:
                     images.masked_fill_(outside[:, None], fill[0])
                 else:
                     for channel in range(3):
                         images[:, channel].masked_fill_(outside, fill[channel])
-            for op in posts:
-                images = op._post(images)
+            for fn in pixel_ops:
+                images = fn(images, rows)
             return images
 
-        return AugmentPlan(theta, size, finish)
+        return AugmentPlan(theta, size, finish, per_image=not any(isinstance(op, Lambda) for op in posts))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -249,14 +271,17 @@ class Transform:
 
 
 class Compose(Transform):
-    """Apply transforms in order (geometric ones compose into one theta; Normalize last)."""
+    """Apply transforms in order (geometric ones compose into one theta; the pixel ops follow them).
+    A plain callable in the list is a pixel op on the decoded [B,3,H,W] batch (see `Lambda`)."""
 
     def __init__(self, transforms: Sequence[Transform]):
         transforms = list(transforms)
-        for t in transforms:
+        for k, t in enumerate(transforms):
             if not isinstance(t, Transform):
-                raise InrUsageError(f"Compose: {t!r} is not an inrfmt.augment transform "
-                                    f"(torchvision transforms act on pixels, these act on coordinates)")
+                if not callable(t):
+                    raise InrUsageError(f"Compose: {t!r} is neither an inrfmt.augment transform nor a callable "
+                                        f"on a [B,3,H,W] batch")
+                transforms[k] = Lambda(t)
         self.transforms = transforms
 
     def _ops(self) -> list[Transform]:
@@ -432,13 +457,6 @@ class Resize(Transform):
             raise InrUsageError(f"Resize: max_size={max_size!r} needs an int size smaller than it")
         self.max_size = max_size
 
-    def _host_size(self, h: int, w: int) -> tuple[int, int]:
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.size, int(self.size * long / short)
-        if self.max_size is not None and new_long > self.max_size:
-            new_short, new_long = int(self.max_size * new_short / new_long), self.max_size
-        return (new_long, new_short) if w <= h else (new_short, new_long)
-
     def _apply(self, view: _View) -> None:
         if not self._short:
             view.resize((self.size[1], self.size[0]), self.size)
@@ -449,7 +467,7 @@ class Resize(Transform):
             longest = new.amax(dim=1, keepdim=True)
             capped = (new * self.max_size).div_(longest).floor_()  # int(max_size * new_short / new_long)
             new = torch.where(longest > self.max_size, capped, new)
-        view.resize(new, self._host_size(*view.size) if view.size is not None else None)
+        view.resize(new, resized_size(*view.size, self.size, self.max_size) if view.size is not None else None)
 
 
 class CenterCrop(Transform):
@@ -485,6 +503,9 @@ class Normalize(Transform):
             raise InrUsageError(f"Normalize: std must be non-zero, got {std!r}")
         self._cache: dict = {}
 
+    def _pixels(self, view: _View, size):
+        return lambda images, rows: self._post(images)
+
     def _post(self, images: torch.Tensor) -> torch.Tensor:
         key = (images.device, images.dtype)
         if key not in self._cache:  # upload once per device/dtype
@@ -494,6 +515,223 @@ class Normalize(Transform):
             self._cache[key] = (mean, inv_std)
         mean, inv_std = self._cache[key]
         return images.sub_(mean).mul_(inv_std)
+
+
+class Lambda(Transform):
+    """A pixel op from any callable taking the decoded [B,3,H,W] batch (on the device, in the loader's
+    dtype) and returning a batch of the same shape, as torchvision.transforms.Lambda. It is called once per
+    batch, after the geometric ops; its own randomness is its own affair (the loader cannot replay it on
+    resume). A plain callable given as `augment` or inside `Compose` is wrapped in one."""
+
+    is_post = True
+
+    def __init__(self, lambd):
+        if not callable(lambd):
+            raise InrUsageError(f"Lambda: {lambd!r} is not callable")
+        self.lambd = lambd
+
+    def _pixels(self, view: _View, size):
+        return lambda images, rows: self.lambd(images)
+
+
+def _factor_range(value, name: str, center: float, bound: tuple[float, float] | None, clip_first: bool):
+    """torchvision ColorJitter._check_input: a number v -> [center - v, center + v] (clipped at 0 for the
+    multiplicative factors), or (min, max). None when the range is just `center` (the op is left out)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if value < 0:
+            raise InrUsageError(f"ColorJitter: {name} must be non-negative, got {value!r}")
+        low, high = center - float(value), center + float(value)
+        if clip_first:
+            low = max(low, 0.0)
+    elif isinstance(value, Sequence) and len(value) == 2:
+        low, high = float(value[0]), float(value[1])
+    else:
+        raise InrUsageError(f"ColorJitter: {name} must be a number or a (min, max) pair, got {value!r}")
+    lo_bound, hi_bound = bound if bound is not None else (0.0, math.inf)
+    if not lo_bound <= low <= high <= hi_bound:
+        raise InrUsageError(f"ColorJitter: {name} values must be in [{lo_bound}, {hi_bound}] with min <= max, "
+                            f"got {value!r}")
+    return None if low == high == center else (low, high)
+
+
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    """[B,1,H,W] luma with torchvision's weights (rgb_to_grayscale)."""
+    r, g, b = images.unbind(dim=1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """torchvision _blend for float images: (ratio * a + (1 - ratio) * b) clamped to [0, 1]; ratio [B,1,1,1]."""
+    return (ratio * a + (1.0 - ratio) * b).clamp_(0.0, 1.0)
+
+
+def _rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's _rgb2hsv, batched."""
+    r, g, b = images.unbind(dim=1)
+    maxc = images.amax(dim=1)
+    minc = images.amin(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), dim=1)
+
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """torchvision's _hsv2rgb, batched."""
+    h, s, v = hsv.unbind(dim=1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int32) % 6
+    p = (v * (1.0 - s)).clamp_(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp_(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp_(0.0, 1.0)
+    mask = (i.unsqueeze(1) == torch.arange(6, device=i.device).view(1, -1, 1, 1)).to(hsv.dtype)  # [B,6,H,W]
+    a1 = torch.stack((v, q, p, p, t, v), dim=1)
+    a2 = torch.stack((t, v, v, q, p, p), dim=1)
+    a3 = torch.stack((p, p, t, v, v, q), dim=1)
+    return torch.einsum("bijk,bxijk->bxjk", mask, torch.stack((a1, a2, a3), dim=1))
+
+
+def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision adjust_hue with a per-image `shift` [B,1,1] in [-0.5, 0.5] (float images in [0, 1])."""
+    hsv = _rgb_to_hsv(images)
+    hsv[:, 0] = (hsv[:, 0] + shift) % 1.0
+    return _hsv_to_rgb(hsv)
+
+
+class ColorJitter(Transform):
+    """torchvision.transforms.ColorJitter(brightness=0, contrast=0, saturation=0, hue=0), per image on the
+    decoded batch: every image draws its own factors (uniform in each range) and its own order of the four
+    adjustments, and each adjustment is torchvision's (brightness: x * f; contrast: blend with the mean
+    luma; saturation: blend with the luma; hue: a shift in HSV), clamped to [0, 1] like torchvision's float
+    path. Put it before Normalize, as in torchvision pipelines."""
+
+    is_post = True
+    _OPS = ("brightness", "contrast", "saturation", "hue")
+
+    def __init__(self, brightness=0, contrast=0, saturation=0, hue=0):
+        self.brightness = _factor_range(brightness, "brightness", 1.0, None, True)
+        self.contrast = _factor_range(contrast, "contrast", 1.0, None, True)
+        self.saturation = _factor_range(saturation, "saturation", 1.0, None, True)
+        self.hue = _factor_range(hue, "hue", 0.0, (-0.5, 0.5), False)
+
+    def draw(self, view: _View) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order [B,4]: each image's permutation of the four ops, factors [B,4] in the op order above; an
+        op left out gets its neutral factor)."""
+        order = view.rand(4).argsort(dim=1)
+        u = view.rand(4)
+        factors = []
+        for k, name in enumerate(self._OPS):
+            bounds = getattr(self, name)
+            neutral = 0.0 if name == "hue" else 1.0
+            factors.append(u[:, k] * (bounds[1] - bounds[0]) + bounds[0] if bounds else
+                           torch.full_like(u[:, k], neutral))
+        return order, torch.stack(factors, dim=1)
+
+    def _pixels(self, view: _View, size):
+        order, factors = self.draw(view)
+        return lambda images, rows: self.apply(images, order[rows], factors[rows])
+
+    def apply(self, images: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """Adjust each image b with factors[b] in the order order[b] (in place; computed in float32)."""
+        x = images if images.dtype == torch.float32 else images.float()
+        enabled = [k for k, name in enumerate(self._OPS) if getattr(self, name) is not None]
+        f = factors.to(x.dtype).view(-1, 4, 1, 1, 1)
+        for stage in range(4):
+            for k in enabled:
+                chosen = (order[:, stage] == k).view(-1, 1, 1, 1)
+                if k == 0:
+                    adjusted = _blend(x, torch.zeros_like(x[:, :1]), f[:, 0])
+                elif k == 1:
+                    adjusted = _blend(x, _grey(x).mean(dim=(1, 2, 3), keepdim=True), f[:, 1])
+                elif k == 2:
+                    adjusted = _blend(x, _grey(x), f[:, 2])
+                else:
+                    adjusted = adjust_hue(x, f[:, 3, 0])
+                x = torch.where(chosen, adjusted, x)
+        return images.copy_(x)
+
+
+class RandomErasing(Transform):
+    """torchvision.transforms.RandomErasing(p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0,
+    inplace=False), per image on the decoded batch: with probability p a rectangle of a random area
+    fraction in `scale` and aspect ratio (h/w) in `ratio` (log-uniform, 10 tries as torchvision's
+    get_params; no erasing when none fits) at a uniform integer position gets `value` (a number, one per
+    channel, or "random" for standard normal noise). It usually comes after Normalize, as in torchvision."""
+
+    is_post = True
+
+    def __init__(self, p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0, inplace=False):
+        if not 0.0 <= float(p) <= 1.0:
+            raise InrUsageError(f"RandomErasing: p must be in [0, 1], got {p!r}")
+        if len(scale) != 2 or not 0 <= scale[0] <= scale[1] <= 1:
+            raise InrUsageError(f"RandomErasing: scale must be (min, max) within [0, 1], got {scale!r}")
+        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+            raise InrUsageError(f"RandomErasing: ratio must be (min, max) with 0 < min <= max, got {ratio!r}")
+        if isinstance(value, str):
+            if value != "random":
+                raise InrUsageError(f"RandomErasing: value must be a number, 3 numbers or 'random', got {value!r}")
+            self.value = "random"
+        else:
+            self.value = _per_channel(value, "RandomErasing", "value")
+        self.p = float(p)
+        self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
+
+    def draw(self, view: _View, size: tuple[int, int]) -> torch.Tensor:
+        """[B, 4] (top, left, height, width) of each image's rectangle; height 0 = not erased."""
+        h_img, w_img = size
+        tries = 10
+        erase = view.rand(1)[:, 0] < self.p
+        u = view.rand(tries, 4)
+        area = u[..., 0].mul(self.scale[1] - self.scale[0]).add_(self.scale[0]).mul_(h_img * w_img)
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = u[..., 1].mul(log_hi - log_lo).add_(log_lo).exp_()
+        h = (area * aspect).sqrt_().round_()  # torchvision: int(round(sqrt(area * aspect)))
+        w = (area / aspect).sqrt_().round_()
+        fits = (h < h_img) & (w < w_img)
+        top = u[..., 2].mul(h_img - h + 1).floor_()
+        left = u[..., 3].mul(w_img - w + 1).floor_()
+        rect = torch.stack([top, left, h, w], dim=-1)  # [B, tries, 4]
+        first = fits.to(torch.uint8).argmax(dim=1)  # the first try that fits
+        pick = rect.gather(1, first.view(-1, 1, 1).expand(-1, 1, 4)).squeeze(1)
+        keep = erase & fits.any(dim=1)
+        return torch.where(keep[:, None], pick, torch.zeros_like(pick))
+
+    def _pixels(self, view: _View, size):
+        rect = self.draw(view, size)
+        noise = None
+        if self.value == "random":  # standard normal by Box-Muller from two uniforms per value
+            u = view.rand(2, 3, *size)
+            noise = torch.sqrt(-2.0 * torch.log1p(-u[:, 0])) * torch.cos(2.0 * math.pi * u[:, 1])
+        return lambda images, rows: self.apply(images, rect[rows], None if noise is None else noise[rows])
+
+    def apply(self, images: torch.Tensor, rect: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Erase rect [B,4] (top, left, height, width) of each image, in place."""
+        h_img, w_img = images.shape[-2:]
+        ys = _arange(h_img, images.device).view(1, -1, 1)
+        xs = _arange(w_img, images.device).view(1, 1, -1)
+        top, left, h, w = (rect[:, k].view(-1, 1, 1) for k in range(4))
+        inside = ((ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)).unsqueeze(1)  # [B,1,H,W]
+        if noise is not None:
+            return torch.where(inside, noise.to(images.dtype), images, out=images)
+        value = self.value
+        if value[0] == value[1] == value[2]:
+            return images.masked_fill_(inside, value[0])
+        for channel in range(3):
+            images[:, channel:channel + 1].masked_fill_(inside, value[channel])
+        return images
+
+
+def _arange(n: int, device) -> torch.Tensor:
+    """[n] 0..n-1 as float64 on `device`, cached (no upload per batch)."""
+    return _cached(_GRIDS, (str(device), "arange", n), 256, lambda: torch.arange(n, device=device, dtype=_MATH))
 
 
 def with_output_size(pipeline: Transform | None, size) -> Transform:

@@ -71,6 +71,18 @@ def benchmark(bank: TensorBank, size, batch_size: int = 256, backends=None, *, w
     return result
 
 
+def common_sizes(sizes, limit: int = 4) -> list[tuple[int, int, int]]:
+    """(height, width, images) of the `limit` most common sizes in `sizes` (int [N, 2]), most common first."""
+    import numpy as np
+
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    if not len(sizes):
+        raise InrUsageError("the dataset has no images to decode")
+    values, counts = np.unique(sizes, axis=0, return_counts=True)
+    order = np.lexsort((values[:, 1], values[:, 0], -counts))[:limit]
+    return [(int(values[k, 0]), int(values[k, 1]), int(counts[k])) for k in order]
+
+
 def native_size(bank: TensorBank) -> tuple[int, int]:
     """The most common original (height, width) of the bank's images."""
     if bank.num_images == 0:

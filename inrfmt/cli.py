@@ -1,4 +1,4 @@
-"""The `inrfmt` command line: convert, info, verify, merge, export, bench.
+"""The `inrfmt` command line: convert, info, verify, merge, export, preview, bench.
 
 User mistakes end in one line on stderr (`inrfmt: error: ...`) and exit code 2; a malformed file exits 1.
 Heavy modules (torch, the encoder) are imported inside the commands so `--help` stays fast.
@@ -10,14 +10,14 @@ import sys
 
 import click
 
-from .errors import InrFormatError, InrUsageError
+from .errors import InrFormatError, InrInterrupted, InrUsageError
 
 EXIT_USAGE = 2
 EXIT_BAD_FILE = 1
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"inrfmt: error: {message}", err=True)
+def _fail(message: str, code: int, prefix: str = "inrfmt: error: ") -> None:
+    click.echo(f"{prefix}{message}", err=True)
     sys.exit(code)
 
 
@@ -28,24 +28,75 @@ def cli() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- convert
+# convert's options as `inrfmt.convert` names them, with how a command-line value becomes that argument:
+# used to take an interrupted run's settings for options not given and to name the ones that conflict.
+_CONVERT_OPTIONS = {
+    "preset": str, "steps": int, "batch_size": int, "device": str, "seed": int, "max_side": int, "shard": str,
+    "no_prune": lambda v: not v, "quant": int, "float_dtype": str, "reproducible": bool, "h5_images": str,
+    "h5_labels": str, "pixel_fraction": float, "jitter": float, "tf32": bool, "torch_compile": bool,
+}
+
+
+def _saved_convert_options(ctx: click.Context, paths: tuple[str, ...], given: dict) -> dict:
+    """convert's arguments for `--resume OUT` (SRC optional): the interrupted run's saved settings, checked
+    against every option given explicitly on the command line."""
+    import os
+
+    from .conversion import saved_options
+    from .shards import parse_shard
+    from .workdir import work_dir_for
+
+    out = paths[-1]
+    saved = saved_options(out)
+    where = work_dir_for(out) / "settings.json"
+    if len(paths) == 2:
+        src = saved["src"]
+        given_src = os.path.abspath(paths[0])
+        if (src if isinstance(src, str) else None) != given_src:
+            raise InrUsageError(f"SRC {paths[0]} is not the source of the interrupted run ({src}, saved in {where}); "
+                                f"leave SRC out to resume it")
+    for name, value in given.items():
+        if ctx.get_parameter_source(name) not in (click.core.ParameterSource.COMMANDLINE,
+                                                  click.core.ParameterSource.ENVIRONMENT):
+            continue
+        key = "prune" if name == "no_prune" else name
+        wanted = _CONVERT_OPTIONS[name](value)
+        have = saved[key]
+        if key == "device":
+            same = _device_type(wanted) == have
+        elif key == "shard":
+            same = parse_shard(wanted) == parse_shard(have)
+        else:
+            same = wanted == have
+        if not same:
+            flag = "--" + name.replace("_", "-")
+            shown = {"no_prune": "", "reproducible": "", "torch_compile": ""}.get(name, f" {value}")
+            raise InrUsageError(f"{flag}{shown} conflicts with the interrupted run's setting ({key} = {have!r}, saved "
+                                f"in {where}); leave {flag} out to resume, or use --overwrite to start over")
+    return saved
+
+
 @cli.command()
-@click.argument("src", type=click.Path(path_type=str))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--preset", default="fast", show_default=True,
+@click.argument("paths", nargs=-1, required=True, metavar="[SRC] OUT")
+@click.option("--preset", default="fast", show_default=True, metavar="NAME",
               help="Network and schedule: fast, rapid-inr-cifar10, rapid-inr-flowers102, rapid-inr-mini-imagenet.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Steps of the first fitting round; later rounds scale by the same factor.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images fitted at once.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="Where to fit (auto: cuda if available, else cpu).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT (and a stale work directory) if it exists.")
-@click.option("--resume", is_flag=True, help="Finish an interrupted run from its work directory OUT.work/.")
+@click.option("--resume", is_flag=True,
+              help="Finish an interrupted run from its work directory OUT.work/; SRC and the options may be left "
+                   "out (they are saved there).")
 @click.option("--max-side", type=click.IntRange(min=1), default=None,
               help="Fit at most this many pixels on the long side (antialiased downscale); the index keeps the original size.")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="A corrupt or unreadable image: skip it (listed in the file's metadata) or stop.")
 @click.option("--shard", default=None, metavar="K/N",
-              help="Encode only shard K of N (K counts from 0) into OUT as a part file; join parts with `inrfmt merge`.")
+              help="Encode only shard K of N (K counts from 0; an equal share of the images) into OUT as a part "
+                   "file; join parts with `inrfmt merge`.")
 @click.option("--no-prune", is_flag=True, help="Skip the pruning rounds.")
 @click.option("--quant", type=click.Choice(["8", "16", "32"]), default="8", show_default=True,
               help="Bits of the hidden-layer weights: 8 = int8 with a per-image per-layer scale, 16/32 = float.")
@@ -54,8 +105,10 @@ def cli() -> None:
                    "(smaller files; the recorded PSNR is that of the stored model).")
 @click.option("--reproducible", is_flag=True,
               help="Leave timing and host details out of the metadata, so reruns are byte-identical.")
-@click.option("--h5-images", default=None, metavar="KEY", help="HDF5 source: dataset holding the images.")
-@click.option("--h5-labels", default=None, metavar="KEY", help="HDF5 source: dataset holding the labels.")
+@click.option("--h5-images", default=None, metavar="KEY",
+              help="The images array (HDF5, .npz) or column (Parquet), when not found by its usual name.")
+@click.option("--h5-labels", default=None, metavar="KEY",
+              help="The labels array (HDF5, .npz) or column (Parquet), when not found by its usual name.")
 @click.option("--pixel-fraction", type=click.FloatRange(min=0, min_open=True, max=1), default=None,
               help="Fit each step on this fraction of each image's pixels (default: the preset's).")
 @click.option("--jitter", type=click.FloatRange(min=0, max=1), default=None,
@@ -64,51 +117,109 @@ def cli() -> None:
                    "0 fits pixel centres only (default: the preset's, 0.5).")
 @click.option("--tf32/--no-tf32", default=None, help="TF32 matmuls on CUDA (default: the preset's).")
 @click.option("--compile", "torch_compile", is_flag=True, help="torch.compile the training step.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, out, preset, steps, batch_size, device, seed, overwrite, resume, max_side, on_error,
-            shard, no_prune, quant, float_dtype, reproducible, h5_images, h5_labels, pixel_fraction, jitter, tf32,
-            torch_compile, quiet):
-    """Encode the images in SRC (ImageFolder tree, CIFAR pickle batches, HDF5, .npy/.npz) into OUT.inr.
+@click.option("--quiet", is_flag=True, help="No progress line.")
+@click.pass_context
+def convert(ctx, paths, overwrite, resume, on_error, quiet, **options):
+    """Encode the images in SRC into OUT.inr.
 
-    Under torchrun each rank encodes its own shard and rank 0 merges them into OUT.
+    SRC: an ImageFolder tree, CIFAR pickle batches, HDF5, .npy/.npz, WebDataset .tar shards (a file or a
+    pattern such as 'train-{000000..000099}.tar') or .parquet files. `inrfmt convert --resume OUT` finishes an
+    interrupted run with its saved settings. Under torchrun each rank encodes its own shard and rank 0 merges
+    them into OUT.
     """
+    import shlex
+    import signal
+
     from .conversion import convert as run_convert
 
-    summary = run_convert(src, out, preset=preset, steps=steps, batch_size=batch_size, device=device,
-                          seed=seed, overwrite=overwrite, resume=resume, max_side=max_side,
-                          on_error=on_error, shard=shard, prune=not no_prune, quant=int(quant), float_dtype=float_dtype,
-                          reproducible=reproducible, progress=not quiet, h5_images=h5_images,
-                          h5_labels=h5_labels, pixel_fraction=pixel_fraction, jitter=jitter, tf32=tf32,
-                          torch_compile=torch_compile)
+    if len(paths) > 2 or (len(paths) == 1 and not resume):
+        raise InrUsageError(f"convert takes SRC and OUT (or OUT alone with --resume), got {len(paths)} path(s)")
+    if resume and (len(paths) == 1 or _work_dir_exists(paths[-1])):
+        arguments = _saved_convert_options(ctx, paths, options)
+    else:
+        arguments = {key: _CONVERT_OPTIONS[key](value) if value is not None and key == "quant" else value
+                     for key, value in options.items() if key != "no_prune"}
+        arguments.update(src=paths[0], out=paths[1], prune=not options["no_prune"])
+    received = []
+
+    def terminate(signum, frame):  # SIGTERM (a scheduler stopping the job) ends like Ctrl-C
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        summary = run_convert(**arguments, overwrite=overwrite, resume=resume, on_error=on_error, progress=not quiet)
+    except KeyboardInterrupt as exc:
+        message = str(exc) if isinstance(exc, InrInterrupted) else (
+            f"interrupted; finished batches, if any, are kept in {paths[-1]}.work: resume with: "
+            f"inrfmt convert --resume {shlex.quote(paths[-1])}")
+        _fail(message, 128 + (received[0] if received else signal.SIGINT), prefix="inrfmt: ")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if summary and summary.get("out") and summary.get("rank") in (None, 0):
-        click.echo(
-            f"wrote {summary['out']}: {summary.get('num_images', '?')} images, "
-            f"mean PSNR {summary.get('psnr_mean', float('nan')):.2f} dB, "
-            f"{summary.get('skipped', 0)} skipped", err=True)
+        n = summary.get("num_images", 0)
+        psnr = f", mean PSNR {summary['psnr_mean']:.2f} dB" if n else ""
+        click.echo(f"wrote {summary['out']}: {n} image{'s' if n != 1 else ''}{psnr}, "
+                   f"{summary.get('skipped', 0)} skipped", err=True)
+
+
+def _device_type(name: str) -> str:
+    """"cpu" or "cuda" for a --device value (what a settings record keeps)."""
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name.split(":")[0]
+
+
+def _work_dir_exists(out: str) -> bool:
+    from .workdir import work_dir_for
+
+    return work_dir_for(out).exists()
 
 
 # -------------------------------------------------------------------------------------------------- info
-def _percentile(values, q):
+# Width of a prune-ratio histogram bin; the last bin ends at the largest ratio rounded up to a bin edge.
+PRUNE_BIN = 0.05
+
+
+def prune_histogram(ratios) -> list[dict]:
+    """Bins of PRUNE_BIN from 0 up to the largest ratio: each bin holds [from, to), the last [from, to], so
+    images at a rule's cap (e.g. 0.25) fall in the bin that ends there (0.20-0.25), not in a bin above it."""
+    import math
+
     import numpy as np
 
-    return float(np.percentile(values, q)) if len(values) else float("nan")
+    ratios = np.asarray(ratios, dtype=np.float64)
+    top = max(1, math.ceil(round(float(ratios.max()) / PRUNE_BIN, 9))) if len(ratios) else 1
+    edges = np.round(np.arange(top + 1) * PRUNE_BIN, 10)
+    counts, _ = np.histogram(np.clip(ratios, 0.0, edges[-1]), bins=edges)
+    return [{"from": float(a), "to": float(b), "count": int(c)} for a, b, c in zip(edges[:-1], edges[1:], counts)]
+
+
+def _json_list(metadata: dict, key: str) -> list:
+    try:
+        value = json.loads(metadata.get(key, "[]"))
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
 
 
 def describe(inr, per_image: bool = False) -> dict:
-    """The `info --json` document of an open InrFile."""
+    """The `info --json` document of an open InrFile (statistics of a file without images are null)."""
     import numpy as np
 
     index = inr.index
     n = int(inr.num_images)
     psnr = np.asarray(index["psnr"], dtype=np.float64)
     ratio = np.asarray(index["prune_ratio"], dtype=np.float64)
-    hist, edges = np.histogram(ratio, bins=[0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 1.0001])
     metadata = dict(inr.metadata)
-    try:
-        skipped = json.loads(metadata.get("skipped", "[]"))
-    except ValueError:
-        skipped = []
+    skipped = _json_list(metadata, "skipped")
+    unread = _json_list(metadata, "unread")
     arch = inr.arch
+
+    def stat(fn, values):
+        return float(fn(values)) if n else None
     doc = {
         "path": str(inr.path),
         "format_version": f"{inr.version[0]}.{inr.version[1]}",
@@ -117,22 +228,21 @@ def describe(inr, per_image: bool = False) -> dict:
         "architecture": {"sine_layers": arch.sine_layers, "width": arch.width, "w0": arch.w0,
                          "first_w0": arch.first_w0, "params_per_image": arch.params_per_image},
         "file_bytes": int(inr.file_bytes),
-        "bytes_per_image": inr.file_bytes / n if n else float("nan"),
-        "psnr": {"mean": float(psnr.mean()) if n else float("nan"), "p10": _percentile(psnr, 10),
-                 "min": float(psnr.min()) if n else float("nan"),
-                 "max": float(psnr.max()) if n else float("nan")},
-        "prune_ratio": {"mean": float(ratio.mean()) if n else 0.0,
-                        "histogram": [{"from": float(a), "to": float(min(b, 1.0)), "count": int(c)}
-                                      for a, b, c in zip(edges[:-1], edges[1:], hist)]},
+        "bytes_per_image": inr.file_bytes / n if n else None,
+        "psnr": {"mean": stat(np.mean, psnr), "p10": stat(lambda v: np.percentile(v, 10), psnr),
+                 "min": stat(np.min, psnr), "max": stat(np.max, psnr)},
+        "prune_ratio": {"mean": stat(np.mean, ratio), "histogram": prune_histogram(ratio)},
         "quantization": {"hidden_dtype": inr.hidden_dtype, "float_dtype": inr.float_dtype,
                          "pruning_masks": bool(inr.has_masks)},
         "skipped": skipped,
+        "unread": unread,
         "metadata": metadata,
     }
     if per_image:
+        keys = inr.keys or [""] * n
         doc["images"] = [{"index": i, "label": int(r["label"]), "height": int(r["height"]),
                           "width": int(r["width"]), "psnr": float(r["psnr"]),
-                          "prune_ratio": float(r["prune_ratio"])} for i, r in enumerate(index)]
+                          "prune_ratio": float(r["prune_ratio"]), "key": keys[i]} for i, r in enumerate(index)]
     return doc
 
 
@@ -150,10 +260,11 @@ def _print_info(doc: dict) -> None:
                     f"(first {a['first_w0']:g}), {a['params_per_image']} params/image"),
         ("hidden weights", f"{q['hidden_dtype']}" + (", pruned (bitmaps)" if q["pruning_masks"] else "")
          + f"; first/last layers and biases {q['float_dtype']}"),
-        ("file size", f"{doc['file_bytes']:,} bytes, {doc['bytes_per_image']:,.1f} bytes/image"),
-        ("PSNR (dB)", f"mean {p['mean']:.2f}, p10 {p['p10']:.2f}, min {p['min']:.2f}, max {p['max']:.2f}"),
-        ("prune ratio", f"mean {doc['prune_ratio']['mean']:.3f}"),
+        ("file size", f"{doc['file_bytes']:,} bytes" + (f", {doc['bytes_per_image']:,.1f} bytes/image" if n else "")),
     ]
+    if n:
+        rows += [("PSNR (dB)", f"mean {p['mean']:.2f}, p10 {p['p10']:.2f}, min {p['min']:.2f}, max {p['max']:.2f}"),
+                 ("prune ratio", f"mean {doc['prune_ratio']['mean']:.3f}")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
@@ -164,27 +275,30 @@ def _print_info(doc: dict) -> None:
         for h in hist:
             bar = "#" * max(1, round(30 * h["count"] / most))
             click.echo(f"  {h['from']:.2f}-{h['to']:.2f}  {h['count']:>7}  {bar}")
-    if doc["skipped"]:
-        click.echo(f"skipped at convert: {len(doc['skipped'])}")
-        for s in doc["skipped"][:20]:
-            click.echo(f"  {s.get('key', s) if isinstance(s, dict) else s}"
-                       + (f": {s.get('reason')}" if isinstance(s, dict) and s.get("reason") else ""))
+    for key, title in (("skipped", "skipped at convert (unreadable images)"),
+                       ("unread", "not read at convert (not images of a supported kind)")):
+        items = doc[key]
+        if items:
+            click.echo(f"{title}: {len(items)}")
+            for item in items[:20]:
+                click.echo(f"  {item.get('key', item) if isinstance(item, dict) else item}"
+                           + (f": {item.get('reason')}" if isinstance(item, dict) and item.get("reason") else ""))
     if "load" in doc:
         ld = doc["load"]
         click.echo(f"bank: {ld['bank_bytes']:,} bytes ({ld['bank_layout']}, "
                    f"{ld['bank_bytes'] / max(ld['file_bytes'], 1):.2f}x the file) on {ld['device']}, "
                    f"loaded in {ld['load_seconds']:.3f} s")
-    meta = {k: v for k, v in doc["metadata"].items() if k != "skipped"}
+    meta = {k: v for k, v in doc["metadata"].items() if k not in ("skipped", "unread")}
     if meta:
         click.echo("metadata:")
         for k in sorted(meta):
             v = meta[k]
             click.echo(f"  {k}: {v if len(v) <= 80 else v[:77] + '...'}")
     if "images" in doc:
-        click.echo(f"{'index':>7} {'label':>6} {'height':>6} {'width':>6} {'psnr':>7} {'prune':>6}")
+        click.echo(f"{'index':>7} {'label':>6} {'height':>6} {'width':>6} {'psnr':>7} {'prune':>6}  key")
         for r in doc["images"]:
             click.echo(f"{r['index']:>7} {r['label']:>6} {r['height']:>6} {r['width']:>6} "
-                       f"{r['psnr']:>7.2f} {r['prune_ratio']:>6.3f}")
+                       f"{r['psnr']:>7.2f} {r['prune_ratio']:>6.3f}  {r['key']}")
 
 
 @cli.command()
@@ -196,8 +310,10 @@ def _print_info(doc: dict) -> None:
 @click.option("--bank-layout", type=click.Choice(["auto", "dense", "compact"]), default="auto", show_default=True,
               help="Hidden-weight layout of the bank for --load (see inrfmt.open).")
 def info(file, as_json, per_image, load, device, bank_layout):
-    """Describe an .inr file: images, classes, network, size, PSNR, pruning."""
+    """Describe an .inr file: images, classes, network, size, PSNR, pruning. Every checksum is checked
+    first (one pass over the file, no decompression): a damaged file exits 1 with the reason."""
     with _open_file(file) as inr:
+        inr.verify_checksums()
         doc = describe(inr, per_image=per_image)
     if load:
         from .data import open as open_dataset
@@ -261,28 +377,71 @@ def merge(out, parts, overwrite):
 
 
 # ------------------------------------------------------------------------------------------------ export
+def _size_option(ctx, param, value):
+    """--size S (shorter side S, aspect ratio kept) or HxW (both) -> int or (h, w)."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    parts = text.split("x")
+    if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    raise click.BadParameter(f"{value!r} is not S or HxW (positive integers, e.g. 64 or 44x40)")
+
+
+SIZE_HELP = "S: shorter side S, aspect ratio kept (torchvision Resize); HxW: exactly H rows by W columns."
+
+
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=str))
-@click.argument("outdir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "h5"]), default="png", show_default=True)
-@click.option("--size", type=click.IntRange(min=1), default=None,
-              help="Decode at SIZE x SIZE instead of each image's original size.")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "h5"]), default="png", show_default=True,
+              help="png/jpeg: OUT is a folder (an ImageFolder tree); h5: OUT is the HDF5 file to write.")
+@click.option("--size", default=None, metavar="S|HxW", callback=_size_option,
+              help=f"Decode at another size than each image's original. {SIZE_HELP}")
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Export only the first N images.")
 @click.option("--device", default=None, help="Decode on this device (default: cuda if available, else cpu).")
-@click.option("--overwrite", is_flag=True, help="Write into a non-empty OUTDIR.")
-def export(file, outdir, fmt, size, limit, device, overwrite):
-    """Decode FILE back into an ImageFolder tree (class names kept) or one HDF5 file."""
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty OUT folder, or replace the OUT file.")
+def export(file, out, fmt, size, limit, device, overwrite):
+    """Decode FILE back into an ImageFolder tree (class names and source file names kept) or one HDF5 file."""
     from .export import export as run_export
 
     _open_file(file).close()
-    result = run_export(file, outdir, format=fmt, size=size, limit=limit, device=device, overwrite=overwrite)
+    result = run_export(file, out, format=fmt, size=size, limit=limit, device=device, overwrite=overwrite)
     click.echo(f"exported {result['images']} images to {result['output']}", err=True)
 
 
 # ------------------------------------------------------------------------------------------------- bench
+# ----------------------------------------------------------------------------------------------- preview
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--size", type=click.IntRange(min=1), default=None, help="Decode at SIZE x SIZE (default: native).")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=str), metavar="OUT.png")
+@click.option("--worst", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Show the N images with the lowest PSNR first.")
+@click.option("--random", "random_", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Then N other images drawn at random.")
+@click.option("--size", type=click.IntRange(min=8, max=4096), default=96, show_default=True,
+              help="Longer side of each decoded tile, in pixels (aspect ratio kept).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random pick.")
+@click.option("--device", default=None, help="Decode on this device (default: cuda if available, else cpu).")
+def preview(file, out, worst, random_, size, seed, device):
+    """Draw a grid of decoded images into OUT.png, the lowest-PSNR images first, each labelled with its
+    index, class, source key and PSNR: a look at what the encoder did to the hardest images."""
+    from .preview import preview as run_preview
+
+    _open_file(file).close()
+    result = run_preview(file, out, worst=worst, random=random_, size=size, seed=seed, device=device)
+    click.echo(f"wrote {result['output']}: {len(result['worst'])} lowest-PSNR and {len(result['random'])} random "
+               f"images ({result['width']}x{result['height']} pixels)", err=True)
+
+
+# Sizes `bench` times on a file of mixed sizes when no --size is given (the most common first).
+BENCH_SIZES = 4
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--size", default=None, metavar="S|HxW", callback=_size_option,
+              help="Decode at S x S or H x W (default: each of the file's most common native sizes).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "triton"]),
               help="Backend(s) to time (default: every one available here).")
@@ -291,20 +450,35 @@ def export(file, outdir, fmt, size, limit, device, overwrite):
               help="Hidden-weight layout of the bank (see inrfmt.open).")
 @click.option("--json", "as_json", is_flag=True)
 def bench(file, size, batch_size, backends, device, bank_layout, as_json):
-    """Decode throughput (img/s) of each available backend on this machine, and load time."""
+    """Decode throughput (img/s) of each available backend on this machine, and load time. A file of mixed
+    sizes is timed at each of its most common native sizes."""
+    from .bench import benchmark, common_sizes
     from .data import open as open_dataset
-    from .bench import benchmark
 
     _open_file(file).close()
     with open_dataset(file, device=device, bank_layout=bank_layout) as ds:
-        result = benchmark(ds.bank, size=size, batch_size=batch_size, backends=list(backends) or None)
+        if size is None:
+            sizes = common_sizes(ds.sizes, BENCH_SIZES)
+            distinct = len(common_sizes(ds.sizes, len(ds)))
+        else:
+            sizes, distinct = [((size, size) if isinstance(size, int) else size) + (None,)], None
+        runs = [(benchmark(ds.bank, size=(h, w), batch_size=batch_size, backends=list(backends) or None), count)
+                for h, w, count in sizes]
+        result = {k: v for k, v in runs[0][0].items() if k not in ("size", "results", "backends")}
+        result["sizes"] = [{"size": r["size"], "images": count} for r, count in runs]
+        result["native_sizes"] = distinct
+        result["results"] = [dict(row, images=count) for r, count in runs for row in r["results"]]
         result["load"] = ds.stats()
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    for row in result.get("results", []):
-        click.echo(f"{row['backend']:>7}: {row['img_per_s']:>12,.0f} img/s  ({row.get('size')}, batch {batch_size})"
-                   if "img_per_s" in row else f"{row['backend']:>7}: {row.get('error', 'unavailable')}")
+    if distinct and distinct > 1:
+        click.echo(f"{distinct} native sizes; timing the {len(sizes)} most common (images of that size in brackets)")
+    for row in result["results"]:
+        where = f"({row.get('size')}, batch {batch_size})" + (f" [{row['images']} images]" if distinct and distinct > 1
+                                                                else "")
+        click.echo(f"{row['backend']:>7}: {row['img_per_s']:>12,.0f} img/s  {where}" if "img_per_s" in row
+                   else f"{row['backend']:>7}: {row.get('error', 'unavailable')} {where}")
     ld = result["load"]
     click.echo(f"   load: {ld['load_seconds']:.3f} s for {ld['file_bytes']:,} file bytes on {ld['device']} "
                f"(bank {ld['bank_layout']}, {ld['bank_bytes']:,} bytes)")
@@ -318,7 +492,7 @@ def main(argv=None) -> None:
         _fail("aborted", 130)
     except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # click >= 8.2: bare `inrfmt`
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
-        sys.exit(EXIT_USAGE)
+        sys.exit(0 if exc.ctx is not None and exc.ctx.parent is None else EXIT_USAGE)
     except click.ClickException as exc:
         _fail(exc.format_message().replace("\n", " "), EXIT_USAGE)
     except InrUsageError as exc:

@@ -2,18 +2,24 @@
 
 Finished batches are written as small part files into a work directory beside OUT (`workdir.WorkDir`);
 OUT is made from them by `writer.merge_files` (temp + fsync + rename) and the work directory is then
-removed. `resume=True` reuses valid parts written with the same settings. A bad source item is skipped
-with a warning naming it and listed in the metadata key "skipped" (JSON list of {"key", "reason"}), or
-with on_error="fail" stops the run with an InrUsageError naming it. Shards and torchrun: `shards`.
+removed. `resume=True` reuses valid parts written with the same settings (`saved_options(out)` gives the
+arguments of the interrupted run). Ctrl-C (or SIGTERM under the CLI) raises `InrInterrupted`, whose
+message says how many batches are saved and the command that resumes. A bad source item is skipped with a
+warning naming it and listed in the metadata key "skipped" (JSON list of {"key", "reason"}), or with
+on_error="fail" stops the run with an InrUsageError naming it. Files of SRC that no source reads are named
+in a warning and in the metadata key "unread" (same form). Every image's source key is stored in the file
+(format 1.1 `keys` section). Shards and torchrun: `shards`.
 
 Metadata (all strings): encoder, preset, steps (round 1), schedule, seed, source, source_kind, device,
-batch_size, max_side, pixel_fraction, jitter, tf32, prune, prune_rule, quant, torch_version, skipped;
-and unless `reproducible`: created, device_name, img_steps, img_steps_per_s, encode_seconds.
+batch_size, max_side, pixel_fraction, jitter, tf32, prune, prune_rule, quant, torch_version, skipped,
+unread (unread_count when more files than it names); and unless `reproducible`: created, device_name,
+img_steps, img_steps_per_s, encode_seconds.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,20 +31,23 @@ import torch
 
 from . import device as devices
 from .checks import check_choice, check_fraction, check_int
-from .errors import InrUsageError
+from .errors import InrInterrupted, InrUsageError
 from .fit import cap_size, fit_images, per_image_loss
 from .presets import PRESETS, Preset, Round, get_preset
 from .quantize import HIDDEN_DTYPE_OF_BITS
-from .shards import (distributed_rank, file_summary, merge, parse_shard, part_path, reuse_shard_file,
-                     shard_batches, wait_for_parts)
+from .shards import (distributed_rank, file_summary, merge, parse_shard, part_path, reuse_shard_file, shard_items,
+                     wait_for_parts)
 from .spec import FLOAT_DTYPES
-from .workdir import WorkDir, check_out, json_text, settings_hash
+from .workdir import WorkDir, check_out, json_text, read_settings, settings_hash
 from .writer import InrWriter, merge_files
 
 # Fitting images above this many pixels (without --max-side) gets a one-time hint.
 LARGE_FIT_PIXELS = 1024 * 1024
 # Settings that may differ between the machines of one sharded run without changing its output.
 _PER_MACHINE_SETTINGS = ("shard", "source", "device", "tf32", "torch_compile")
+# Progress: a terminal line is redrawn at most this often; without a terminal a line is printed this often.
+PROGRESS_REDRAW_SECONDS = 0.5
+PROGRESS_LOG_SECONDS = 10.0
 
 
 class LoadedItem(NamedTuple):
@@ -76,6 +85,9 @@ class Settings:
     float_dtype: str
     torch_compile: bool
     shard: tuple[int, int] | None
+    h5_images: str | None = None
+    h5_labels: str | None = None
+    reproducible: bool = False
 
     @property
     def hidden_dtype(self) -> str:
@@ -113,7 +125,35 @@ class Settings:
             "shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}",
             "torch_compile": self.torch_compile,
             "float_dtype": self.float_dtype,
+            "h5_images": self.h5_images,
+            "h5_labels": self.h5_labels,
+            "reproducible": self.reproducible,
         }
+
+
+def saved_options(out) -> dict:
+    """The `convert` arguments of the interrupted run whose work directory is OUT.work/ (src and out
+    included), from its settings record: `convert(**saved_options(out), resume=True)` finishes it."""
+    record, where = read_settings(Path(os.fspath(out)))
+    try:
+        schedule = record["schedule"]
+        preset = record["preset"]
+        if preset not in PRESETS:
+            raise InrUsageError(f"cannot resume from {where}: preset {preset!r} is not a built-in preset; call "
+                                f"inrfmt.convert with the same Preset and resume=True")
+        options = {
+            "src": record["source"], "out": os.fspath(out), "preset": preset,
+            "steps": schedule[0]["steps"], "batch_size": record["batch_size"], "device": record["device"],
+            "seed": record["seed"], "max_side": record["max_side"], "shard": record["shard"],
+            "prune": record["prune"], "quant": record["quant"], "float_dtype": record["float_dtype"],
+            "pixel_fraction": record["pixel_fraction"], "jitter": record["jitter"], "tf32": record["tf32"],
+            "torch_compile": record["torch_compile"], "h5_images": record["h5_images"],
+            "h5_labels": record["h5_labels"], "reproducible": record["reproducible"],
+        }
+    except (KeyError, IndexError, TypeError):
+        raise InrUsageError(f"cannot resume from {where}: it was written by another version of inrfmt; rerun "
+                            f"the convert command with all its options and --resume") from None
+    return options
 
 
 def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="auto", seed=0,
@@ -157,8 +197,8 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
 
     out_path = Path(os.fspath(out))
     check_out(out_path, overwrite)
-    if src is None or (not isinstance(src, (list, tuple)) and not os.path.exists(os.fspath(src))):
-        raise InrUsageError(f"SRC not found: {src}")
+    if src is None:
+        raise InrUsageError("SRC not given")
     from .sources import open_source
 
     source = open_source(src, h5_images=h5_images, h5_labels=h5_labels)
@@ -177,7 +217,7 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         jitter=float(preset_obj.jitter if jitter is None else jitter),
         tf32=(preset_obj.tf32 if tf32 is None else bool(tf32)) and dev.type == "cuda",
         quant=int(quant), prune=bool(prune), float_dtype=float_dtype, torch_compile=bool(torch_compile),
-        shard=shard_kn)
+        shard=shard_kn, h5_images=h5_images, h5_labels=h5_labels, reproducible=bool(reproducible))
     record = settings.record(src, source)
     run_hash = settings_hash({k: v for k, v in record.items() if k not in _PER_MACHINE_SETTINGS})
     metadata = _base_metadata(settings, record, src, reproducible)
@@ -190,8 +230,10 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         summary = reuse_shard_file(target, run_hash, shard_kn)
     if summary is None:
         work = WorkDir.open(target, record, overwrite=overwrite, resume=resume)
-        summary = _Encoder(settings, source, target, work, record, metadata, on_error=on_error,
-                           resume=resume, reproducible=reproducible, progress=progress).run()
+        resume_command = (f"inrfmt convert --resume {shlex.quote(os.fspath(out))}" if dist_info is None
+                          else "the same torchrun command with --resume")
+        summary = _Encoder(settings, source, target, work, record, metadata, on_error=on_error, resume=resume,
+                           reproducible=reproducible, progress=progress, resume_command=resume_command).run()
     summary["rank"] = rank
     if dist_info is not None and rank == 0:
         world = dist_info[1]
@@ -210,15 +252,18 @@ class _Encoder:
     """One process's share of a convert: its batches, fitted into the work directory, then merged."""
 
     def __init__(self, settings: Settings, source, target: Path, work: WorkDir, record: dict, metadata: dict, *,
-                 on_error: str, resume: bool, reproducible: bool, progress: bool):
+                 on_error: str, resume: bool, reproducible: bool, progress: bool, resume_command: str):
         self.settings, self.source, self.target, self.work = settings, source, target, work
         self.record, self.metadata = record, metadata
         self.on_error, self.resume, self.reproducible, self.show_progress = on_error, resume, reproducible, progress
+        self.resume_command = resume_command
         self.part_hash = settings_hash(record)
-        n_items, size = len(source), settings.batch_size
-        self.num_items = n_items
-        self.batches = shard_batches(-(-n_items // size), settings.shard)
-        self.ranges = {b: (b * size, min(n_items, (b + 1) * size)) for b in self.batches}
+        self.num_items = len(source)
+        self.items = shard_items(self.num_items, settings.shard)
+        size = settings.batch_size
+        self.batches = range(-(-len(self.items) // size))
+        self.ranges = {b: (self.items.start + b * size, min(self.items.stop, self.items.start + (b + 1) * size))
+                       for b in self.batches}
 
     def run(self) -> dict:
         s = self.settings
@@ -231,6 +276,12 @@ class _Encoder:
             else:
                 todo.append(b)
         progress = _Progress(self, infos)
+        unread = list(getattr(self.source, "unread", []))
+        unread_count = getattr(self.source, "unread_count", len(unread))
+        if unread:
+            shown = ", ".join(item["key"] for item in unread[:5]) + (", ..." if unread_count > 5 else "")
+            progress.write(f"inrfmt: warning: {unread_count} file(s) of SRC are not read ({shown}): not images of "
+                           f"a supported kind; listed in the file's metadata key 'unread'")
         prev_precision = torch.get_float32_matmul_precision()
         if s.tf32:
             torch.set_float32_matmul_precision("high")
@@ -248,13 +299,21 @@ class _Encoder:
                 good, bad = futures.pop(b).result()
                 submit(pos + 1)  # the next batch loads while this one fits
                 self._report_bad(bad, infos, progress)
+                progress.batch_started(b, len(good))
                 infos[b] = self._encode_batch(b, good, bad, progress, compiled_loss)
                 progress.batch_done(infos[b], *self.ranges[b])
+        except KeyboardInterrupt:
+            progress.close()
+            # A batch stopped right after its part file was renamed into place is saved too.
+            saved = sum(1 for b in self.batches if b in infos or (
+                b in todo and self.work.valid_part(b, self.part_hash, *self.ranges[b]) is not None))
+            raise InrInterrupted(f"interrupted: {saved} of {len(self.batches)} batches are saved in {self.work.path}; "
+                                 f"resume with: {self.resume_command}") from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_float32_matmul_precision(prev_precision)
             progress.close()
-        return self._finish(infos, encoded=len(todo))
+        return self._finish(infos, encoded=len(todo), unread=unread, unread_count=unread_count)
 
     def _report_bad(self, bad: list[BadItem], infos: dict, progress: "_Progress") -> None:
         for item in bad:
@@ -280,9 +339,10 @@ class _Encoder:
         if good:
             result = fit_images([g.fit_image for g in good], s.preset.arch, s.schedule,
                                 prune_rule=s.preset.prune_rule, hidden_dtype=s.hidden_dtype, seed=s.seed,
-                                batch_index=b, device=s.device, pixel_fraction=s.pixel_fraction, jitter=s.jitter,
-                                originals=[g.original for g in good], on_step=progress.step_callback(len(good), t0),
-                                compiled_loss=compiled_loss, float_dtype=s.float_dtype)
+                                image_ids=[g.index for g in good], device=s.device, pixel_fraction=s.pixel_fraction,
+                                jitter=s.jitter, originals=[g.original for g in good],
+                                on_step=progress.step, compiled_loss=compiled_loss,
+                                float_dtype=s.float_dtype)
         info = {
             "batch": b, "start": start, "stop": stop, "settings_hash": self.part_hash,
             "num_images": len(good),
@@ -300,7 +360,8 @@ class _Encoder:
                 writer.add(weights, labels=[g.label for g in good],
                            heights=[g.original.shape[0] for g in good], widths=[g.original.shape[1] for g in good],
                            psnr=np.nan_to_num(result.psnr, nan=0.0, posinf=99.0, neginf=0.0),
-                           prune_ratio=result.prune_ratio if s.has_masks else np.zeros(len(good)))
+                           prune_ratio=result.prune_ratio if s.has_masks else np.zeros(len(good)),
+                           keys=[g.key for g in good])
         return info
 
     def _writer(self, path, metadata: dict) -> InrWriter:
@@ -308,7 +369,7 @@ class _Encoder:
         return InrWriter(path, s.preset.arch, hidden_dtype=s.hidden_dtype, float_dtype=s.float_dtype,
                          has_masks=s.has_masks, classes=self.source.classes, metadata=metadata)
 
-    def _finish(self, infos: dict, encoded: int) -> dict:
+    def _finish(self, infos: dict, encoded: int, unread: list, unread_count: int) -> dict:
         """Merge the parts into the target file; the summary of the run."""
         s = self.settings
         ordered = [infos[b] for b in self.batches]
@@ -319,12 +380,14 @@ class _Encoder:
             raise InrUsageError(f"no readable images in SRC {self.record['source']} ({len(skipped)} skipped)")
         total_seconds = sum(info["seconds"] for info in ordered)
         total_img_steps = sum(info["img_steps"] for info in ordered)
-        rate = total_img_steps / total_seconds if total_seconds > 0 else float("nan")
+        rate = total_img_steps / total_seconds if total_seconds > 0 else 0.0
         meta = dict(self.metadata)
         meta["skipped"] = json_text(skipped)
+        meta["unread"] = json_text(unread)
+        if unread_count > len(unread):  # the list names the first ones only
+            meta["unread_count"] = str(unread_count)
         if s.shard is not None:
-            first, stop = self.batches.start, self.batches.stop
-            meta["shard_items"] = f"{min(self.num_items, first * s.batch_size)}:{min(self.num_items, stop * s.batch_size)}"
+            meta["shard_items"] = f"{self.items.start}:{self.items.stop}"
             meta["source_items"] = str(self.num_items)
         if not self.reproducible:
             meta["img_steps_per_s"] = f"{rate:.1f}"
@@ -344,27 +407,61 @@ class _Encoder:
 
 
 class _Progress:
-    """The progress bar of a convert: images done, fitting rate and running PSNR (on stderr)."""
+    """Progress of a convert on stderr: images done of the total, and steps of the batch being fitted.
+
+    On a terminal one line is redrawn in place (at most every PROGRESS_REDRAW_SECONDS); otherwise (a log
+    file, a pipe) a plain line is printed every PROGRESS_LOG_SECONDS, so logs get no carriage returns."""
 
     def __init__(self, encoder: _Encoder, reused: dict):
-        from tqdm.auto import tqdm
-
         s = encoder.settings
+        self.stream = sys.stderr
         self.enabled = encoder.show_progress
+        self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.name = f"convert {s.preset.name}" + (f" shard {s.shard[0]}/{s.shard[1]}" if s.shard else "")
         self.steps_per_image = sum(r.steps for r in s.schedule)
-        total = sum(stop - start for start, stop in encoder.ranges.values())
-        name = f"convert {s.preset.name}" + (f" shard {s.shard[0]}/{s.shard[1]}" if s.shard else "")
-        self.bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not self.enabled, dynamic_ncols=True,
-                        desc=name, smoothing=0.1)
+        self.total_images = len(encoder.items)
+        self.total_batches = len(encoder.batches)
+        self.done_images = sum(encoder.ranges[b][1] - encoder.ranges[b][0] for b in reused)
         self.psnr_sum = sum(i["psnr_sum"] for i in reused.values())
         self.psnr_count = sum(i["num_images"] for i in reused.values())
-        self.bar.update(sum(encoder.ranges[b][1] - encoder.ranges[b][0] for b in reused))
         self.fit_seconds = 0.0
         self.fit_img_steps = 0
+        self.batch_images = 0  # images of the batch being fitted, and its steps done
+        self.batch_steps = 0
+        self.batch_number = 0
+        self.batch_start = time.perf_counter()
+        self.last_shown = float("-inf")
+        self.shown = False
         self.warned_large = False
 
+    # -- events ---------------------------------------------------------------------------------------
+    def batch_started(self, b: int, images: int) -> None:
+        self.batch_number, self.batch_images, self.batch_steps = b + 1, images, 0
+        self.batch_start = time.perf_counter()
+        self._show()
+
+    def step(self, k: int) -> None:
+        """on_step for fit_images: k steps of the current batch are done."""
+        self.batch_steps = k
+        self._show()
+
+    def batch_done(self, info: dict, start: int, stop: int) -> None:
+        self.fit_seconds += info["seconds"]
+        self.fit_img_steps += info["img_steps"]
+        self.psnr_sum += info["psnr_sum"]
+        self.psnr_count += info["num_images"]
+        self.done_images += stop - start
+        self.batch_images = self.batch_steps = 0
+        self._show(force=self.terminal)
+
     def write(self, line: str) -> None:
-        self.bar.write(line, file=sys.stderr)
+        """A message line (warnings), kept apart from the progress line."""
+        if self.terminal and self.shown:
+            self.stream.write("\r\033[K")
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        if self.terminal and self.shown:
+            self._show(force=True)
 
     def warn_large(self, good: list[LoadedItem]) -> None:
         big = [g for g in good if g.fit_image.shape[0] * g.fit_image.shape[1] > LARGE_FIT_PIXELS]
@@ -374,35 +471,60 @@ class _Progress:
                        f"much memory: consider --max-side (e.g. 256)")
             self.warned_large = True
 
-    def step_callback(self, n_images: int, t0: float):
-        """on_step for fit_images: refresh the rate at most once a second."""
-        last = [t0]
-
-        def on_step(k):
-            now = time.perf_counter()
-            if self.enabled and now - last[0] > 1.0:
-                last[0] = now
-                rate = (self.fit_img_steps + n_images * k) / max(1e-9, self.fit_seconds + now - t0)
-                self.bar.set_postfix_str(self._postfix(rate, f"batch {k}/{self.steps_per_image}"))
-
-        return on_step
-
-    def batch_done(self, info: dict, start: int, stop: int) -> None:
-        self.fit_seconds += info["seconds"]
-        self.fit_img_steps += info["img_steps"]
-        self.psnr_sum += info["psnr_sum"]
-        self.psnr_count += info["num_images"]
-        self.bar.update(stop - start)
-        self.bar.set_postfix_str(self._postfix(self.fit_img_steps / max(1e-9, self.fit_seconds)))
-
-    def _postfix(self, rate: float, extra: str = "") -> str:
-        text = f"{rate:,.0f} {_rate_unit()}"
-        if self.psnr_count:
-            text += f", PSNR {self.psnr_sum / self.psnr_count:.2f} dB"
-        return text + (f", {extra}" if extra else "")
-
     def close(self) -> None:
-        self.bar.close()
+        if self.enabled and self.terminal and self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.shown = False
+
+    # -- the line -------------------------------------------------------------------------------------
+    def rate(self) -> float | None:
+        """img·steps/s so far (finished batches plus the current one), None before any step."""
+        seconds = self.fit_seconds + (time.perf_counter() - self.batch_start if self.batch_steps else 0.0)
+        work = self.fit_img_steps + self.batch_images * self.batch_steps
+        return work / seconds if work and seconds > 0 else None
+
+    def line(self) -> str:
+        parts = [f"{self.name}: {self.done_images}/{self.total_images} images"]
+        if self.batch_images:
+            parts.append(f"batch {self.batch_number}/{self.total_batches} ({self.batch_images} images): "
+                         f"step {self.batch_steps}/{self.steps_per_image}")
+        rate = self.rate()
+        if rate:
+            parts.append(f"{rate:,.0f} {_rate_unit()}")
+        if self.psnr_count:
+            parts.append(f"PSNR {self.psnr_sum / self.psnr_count:.2f} dB")
+        if rate:
+            left = (self.total_images - self.done_images) * self.steps_per_image - self.batch_images * self.batch_steps
+            parts.append(f"ETA {_duration(max(0.0, left) / rate)}")
+        return ", ".join(parts)
+
+    def _show(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        interval = PROGRESS_REDRAW_SECONDS if self.terminal else PROGRESS_LOG_SECONDS
+        if not force and now - self.last_shown < interval:
+            return
+        self.last_shown = now
+        text = self.line()
+        if self.terminal:
+            import shutil
+
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r\033[K" + text[:width])
+            self.shown = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    """h:mm:ss (or m:ss under an hour)."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _rate_unit() -> str:

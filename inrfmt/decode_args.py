@@ -30,6 +30,16 @@ def parse_size(size) -> tuple[int, int]:
     return h, w
 
 
+def resized_size(h: int, w: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """torchvision `Resize(size)` with an int: the shorter side becomes `size`, the longer
+    int(size * long / short) (aspect kept); `max_size` caps the longer side. -> (h, w)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    if max_size is not None and new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
 def prepare_indices(bank, indices) -> torch.Tensor:
     """Indices -> contiguous int64 tensor on the bank's device.
 

@@ -7,3 +7,8 @@ class InrFormatError(ValueError):
 
 class InrUsageError(ValueError):
     """A user mistake: a bad argument, a missing source, an output that exists. The CLI exits 2 on it."""
+
+
+class InrInterrupted(KeyboardInterrupt):
+    """A convert stopped by Ctrl-C (or SIGTERM under the CLI). The message says how many batches are saved in
+    the work directory and the command that resumes the run."""

@@ -1,188 +1,221 @@
 """Batched SIREN fitting: all images of a batch at once, each with its own weights.
 
 Every parameter tensor has a leading image axis, and the forward pass is a handful of batched matmuls
-(`siren.train_forward`). Adam is elementwise, so the images stay independent; the loss is the sum over
-images of each image's own MSE, so an image's gradient does not depend on the rest of its batch. The step
-loop never reads a value back to the host.
+(`siren.train_forward`). Adam is elementwise and the loss is the sum over images of each image's own MSE,
+so an image's gradient does not depend on the rest of its batch. The step loop never reads a value back
+to the host.
 
-A batch may mix sizes and aspect ratios: each image is fitted on its own pixel grid, padded to the batch's
-largest pixel count. With `pixel_fraction` < 1 every step fits a random subset of each image's pixels (an
-unbiased estimate of its MSE). With `jitter` > 0 that fraction of the samples moves to a random point of
-its pixel cell, with the bilinearly interpolated image as target, so the network also fits the continuous
-image between pixel centres (where upscaled decodes and crops sample). The PSNR written to the file is
-always that of the stored model at the image's original pixel centres.
+A batch may mix sizes and aspect ratios: its images are fitted in groups of one size (`SizeGroup`), all
+stepped together, so every image is fitted on its own pixel grid with tensors whose shapes depend only on
+its own size. With `pixel_fraction` < 1 every step fits ceil(pixel_fraction x pixels) random pixels of
+each image (an unbiased estimate of its MSE). With `jitter` > 0 that fraction of the samples moves to a
+random point of its pixel cell, with the bilinearly interpolated image as target, so the network also fits
+the continuous image between pixel centres (where upscaled decodes and crops sample). The PSNR written to
+the file is always that of the stored model at the image's original pixel centres.
 
-Determinism: batch b's initial weights, pixel samples and jitter come from generators seeded by
-`batch_seed(seed, b)`, so a resumed or sharded run reproduces an uninterrupted one on the same device.
+Determinism: every random number of an image's fit (initial weights, pixel samples, jitter) is a
+counter-based hash (`inrfmt.rng`) of (seed, the image's index in the source, step), so an image's
+weights depend neither on the other images of its batch nor on how the run was split into batches,
+shards or resumed pieces: on one device and torch build, the same image gives the same bytes.
+Grey images (R = G = B everywhere) are fitted with the three output channels tied, so they decode grey.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import siren
+from . import rng, siren
 from .presets import Round
 from .quantize import dequantize_hidden, dynamic_ratio, mask_ratio, prune_masks, quantize_hidden, stored_float
-from .spec import Architecture, WeightBatch
+from .spec import IN_FEATURES, Architecture, WeightBatch
 
 # Pixels evaluated per forward pass when measuring PSNR (bounds memory for large originals).
 EVAL_PIXELS_PER_PASS = 1 << 22
+# Pixels per image per PSNR pass: fixed, so an image's PSNR is summed the same way whatever its batch.
+EVAL_PIXEL_CHUNK = 1 << 16
+
+# Streams of the counter-based generator (rng): one per kind of draw.
+_INIT_STREAM, _SAMPLE_STREAM = 1, 2
+_PICK, _OFFSET, _MOVE = 0, 1, 2
 
 
 @dataclass
-class FitBatch:
-    """Fitting targets of a batch on one device. Images are padded to the largest pixel count."""
+class SizeGroup:
+    """The images of a batch that share one fitting size (h, w), as fitting targets on one device."""
 
-    coords: torch.Tensor  # [P, 2] shared when all images have one size, else [N, Pmax, 2]
-    targets: torch.Tensor  # [N, Pmax, 3] model space [-1, 1]
-    counts: torch.Tensor  # [N] long: real pixels per image
-    weights: torch.Tensor | None  # [N, Pmax] 1/count on real pixels, 0 on padding (None when uniform)
-    sizes: list[tuple[int, int]]  # fitting (height, width) per image
-    # The images as [N, 3, Hmax, Wmax] (model space, top-left aligned, zero padded), for bilinear targets
-    # between pixel centres (`continuous_targets`); a view of `targets` when all images have one size.
-    canvas: torch.Tensor
-    extent: torch.Tensor  # [N, 2] float (width, height) per image: pixels along x and along y
-    canvas_extent: torch.Tensor  # [2] float (Wmax, Hmax), on the device (no host copy in the step loop)
+    members: torch.Tensor  # long [n]: positions of these images in the batch
+    height: int
+    width: int
+    coords: torch.Tensor  # [P, 2] pixel centres (siren.pixel_grid), P = h * w
+    targets: torch.Tensor  # [n, P, 3] model space [-1, 1]
+    canvas: torch.Tensor  # [n, 3, h, w] view of targets, for bilinear targets between pixel centres
 
     @property
-    def uniform(self) -> bool:
-        return self.weights is None
+    def pixels(self) -> int:
+        return self.height * self.width
 
     @property
     def n(self) -> int:
         return self.targets.shape[0]
 
 
+@dataclass
+class FitBatch:
+    """Fitting targets of a batch: one SizeGroup per distinct size, in order of first appearance."""
+
+    groups: list[SizeGroup]
+    sizes: list[tuple[int, int]]  # fitting (height, width) per image
+
+    @property
+    def n(self) -> int:
+        return len(self.sizes)
+
+
 def prepare_batch(images: list[np.ndarray], device) -> FitBatch:
     """uint8 RGB images [h, w, 3] (any sizes) -> FitBatch on `device`."""
     sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
-    counts = [h * w for h, w in sizes]
-    pmax = max(counts)
-    extent = torch.tensor([[w, h] for h, w in sizes], dtype=torch.float32, device=device)
-    if len(set(sizes)) == 1:
-        h, w = sizes[0]
-        stack = torch.from_numpy(np.stack(images)).to(device)  # np.stack copies: writable
-        targets = stack.reshape(len(images), h * w, 3).float().div_(127.5).sub_(1.0)
-        coords = siren.pixel_grid(h, w, device=device)
-        canvas = targets.view(len(images), h, w, 3).permute(0, 3, 1, 2)
-        return FitBatch(coords, targets, torch.tensor(counts, device=device), None, sizes, canvas, extent,
-                        extent[0].clone())
-    hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
-    targets = torch.zeros(len(images), pmax, 3, device=device)
-    coords = torch.zeros(len(images), pmax, 2, device=device)
-    weights = torch.zeros(len(images), pmax, device=device)
-    canvas = torch.zeros(len(images), 3, hmax, wmax, device=device)
-    for i, (im, (h, w)) in enumerate(zip(images, sizes)):  # once per batch, not per step
-        targets[i, : h * w] = torch.from_numpy(np.array(im, copy=True)).to(device).reshape(-1, 3).float() / 127.5 - 1.0
-        coords[i, : h * w] = siren.pixel_grid(h, w, device=device)
-        weights[i, : h * w] = 1.0 / (h * w)
-        canvas[i, :, :h, :w] = targets[i, : h * w].reshape(h, w, 3).permute(2, 0, 1)
-    return FitBatch(coords, targets, torch.tensor(counts, device=device), weights, sizes, canvas, extent,
-                    torch.tensor([wmax, hmax], dtype=torch.float32, device=device))
+    positions: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        positions.setdefault(size, []).append(i)
+    groups = []
+    for (h, w), members in positions.items():
+        stack = torch.from_numpy(np.stack([images[i] for i in members])).to(device)  # np.stack copies
+        targets = stack.reshape(len(members), h * w, 3).float().div_(127.5).sub_(1.0)
+        groups.append(SizeGroup(torch.tensor(members, device=device), h, w, siren.pixel_grid(h, w, device=device),
+                                targets, targets.view(len(members), h, w, 3).permute(0, 3, 1, 2)))
+    return FitBatch(groups, sizes)
 
 
-def jitter_offsets(n: int, p: int, jitter: float, generator: torch.Generator | None, device,
-                   dtype=torch.float32) -> torch.Tensor:
-    """[N,P,2] offsets in pixel cells: a random `jitter` fraction uniform in [-0.5, 0.5)^2, the rest 0."""
-    u = torch.rand(n, p, 2, generator=generator, device=device, dtype=dtype).sub_(0.5)
+@dataclass(frozen=True)
+class DrawKeys:
+    """Where the random numbers of a batch's fit come from: the run's `seed` and each image's `ids` (its
+    index in the source, int64 [N] on the fitting device). Draws are pure functions of (seed, id, step)."""
+
+    seed: int
+    ids: torch.Tensor
+
+    @staticmethod
+    def of(seed: int, ids: Sequence[int] | None, n: int, device) -> "DrawKeys":
+        ids = range(n) if ids is None else ids
+        return DrawKeys(int(seed), torch.as_tensor(list(ids), dtype=torch.int64, device=device))
+
+    def init(self) -> torch.Tensor:
+        """int64 [N] keys of the initial weights."""
+        return rng.row_keys(rng.mix(self.seed, _INIT_STREAM), self.ids)
+
+    def step(self, step: int) -> torch.Tensor:
+        """int64 [N] keys of the pixel samples and jitter of optimisation step `step` (counted over rounds)."""
+        return rng.row_keys(rng.mix(self.seed, _SAMPLE_STREAM, step), self.ids)
+
+
+def initial_params(arch: Architecture, keys: torch.Tensor) -> siren.SirenParams:
+    """SIREN initialisation (Sitzmann et al. 2020, the bounds of siren.init_params) of one network per key:
+    every weight is a uniform draw of the counter-based generator under the image's own key."""
+    w = arch.width
+    hidden_bound = math.sqrt(6.0 / w) / arch.w0
+    bounds = {"first_w": 1.0 / IN_FEATURES, "first_b": 1.0 / math.sqrt(IN_FEATURES), "hidden_w": hidden_bound,
+              "hidden_b": 1.0 / math.sqrt(w), "last_w": hidden_bound, "last_b": 1.0 / math.sqrt(w)}
+    shapes = arch.shapes()
+    tensors = {}
+    for stream, (name, bound) in enumerate(bounds.items()):
+        u = rng.uniform(keys, shapes[name], stream=stream, dtype=torch.float32)
+        tensors[name] = u.mul_(2.0 * bound).sub_(bound)
+    return siren.SirenParams(**tensors)
+
+
+def grey_images(images: list[np.ndarray]) -> np.ndarray:
+    """bool [N]: images whose three channels are equal everywhere."""
+    return np.array([bool(np.array_equal(im[..., 0], im[..., 1]) and np.array_equal(im[..., 1], im[..., 2]))
+                     for im in images], dtype=bool)
+
+
+@torch.no_grad()
+def tie_grey_outputs(params: siren.SirenParams, grey: np.ndarray) -> None:
+    """Make the three output channels of the images flagged in `grey` (bool [N]) the same function (channel
+    0's): with equal targets their gradients stay equal, so a grey image is fitted, stored and decoded grey."""
+    if not grey.any():
+        return
+    grey = torch.from_numpy(grey).to(params.last_w.device)
+    for t in (params.last_w, params.last_b):
+        t.copy_(torch.where(grey.view(-1, *([1] * (t.dim() - 1))), t[:, :1].expand_as(t), t))
+
+
+def sample_count(pixels: int, pixel_fraction: float) -> int:
+    """Samples fitted per step for an image of `pixels` pixels: all of them, or ceil(fraction x pixels)."""
+    return pixels if pixel_fraction >= 1.0 else max(1, math.ceil(pixel_fraction * pixels))
+
+
+def jitter_offsets(keys: torch.Tensor, count: int, jitter: float) -> torch.Tensor:
+    """[n, count, 2] offsets in pixel cells: a random `jitter` fraction of the samples uniform in
+    [-0.5, 0.5)^2, the rest 0 (float32, from the counter-based generator under each row's key)."""
+    u = rng.uniform(keys, (count, 2), stream=_OFFSET, dtype=torch.float32).sub_(0.5)
     if jitter < 1.0:
-        u *= torch.rand(n, p, 1, generator=generator, device=device, dtype=dtype) < jitter
+        u *= rng.uniform(keys, (count, 1), stream=_MOVE, dtype=torch.float32) < jitter
     return u
 
 
-def offset_coords(coords: torch.Tensor, extent: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """coords [P,2] or [N,P,2] moved by offsets [N,P,2] given in pixel cells of each image (extent [N,2])."""
-    cell = 2.0 / extent  # [N, 2]: one pixel cell is 2/w along x, 2/h along y
-    return coords + offsets * cell[:, None, :]
-
-
-def jitter_coords(coords: torch.Tensor, extent: torch.Tensor, jitter: float,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """Move a random `jitter` fraction of the coordinates to a uniformly random point of their pixel
-    cell; the rest stay at the pixel centre. coords [P,2] (shared) or [N,P,2] of pixel centres, extent
-    [N,2] (width, height) -> [N,P,2]. jitter 1 moves every sample, so pixel centres drawn uniformly
-    become points drawn uniformly over the continuous image."""
-    offsets = jitter_offsets(extent.shape[0], coords.shape[-2], jitter, generator, coords.device, coords.dtype)
-    return offset_coords(coords, extent, offsets)
-
-
-def continuous_targets(batch: FitBatch, coords: torch.Tensor) -> torch.Tensor:
-    """[N,P,3] the batch's images at any coords [N,P,2] in [-1, 1], bilinearly interpolated between pixel
+def continuous_targets(group: SizeGroup, coords: torch.Tensor) -> torch.Tensor:
+    """[n,P,3] the group's images at any coords [n,P,2] in [-1, 1], bilinearly interpolated between pixel
     centres (grid_sample, align_corners=False, padding_mode="border": the pixel-centre convention of
     siren.pixel_grid, and the edge pixels extend to the image border). At pixel centres this is exactly
-    the pixels. Mixed sizes: each image's coords are clamped to its own pixel-centre range and mapped
-    onto the padded canvas, so no zero padding is ever blended in."""
-    grid = coords
-    if not batch.uniform:
-        size = batch.extent[:, None, :]  # [N,1,2] (w, h)
-        pix = torch.minimum(((coords + 1.0) * size - 1.0).mul_(0.5).clamp_min_(0.0), size - 1.0)
-        grid = (2.0 * pix + 1.0) / batch.canvas_extent - 1.0
-    out = torch.nn.functional.grid_sample(batch.canvas, grid.unsqueeze(1), mode="bilinear",
-                                          padding_mode="border", align_corners=False)  # [N,3,1,P]
+    the pixels."""
+    out = torch.nn.functional.grid_sample(group.canvas, coords.unsqueeze(1), mode="bilinear",
+                                          padding_mode="border", align_corners=False)  # [n,3,1,P]
     return out[:, :, 0].transpose(1, 2)
 
 
-def draw_samples(batch: FitBatch, sample_count: int, jitter: float, generator: torch.Generator | None):
-    """The random numbers of one loss evaluation, drawn eagerly so the loss itself stays one graph under
-    torch.compile: (pick [N, sample_count] uniform in [0,1) choosing the sampled pixels, or None for every
-    pixel; offsets [N,P,2] jitter offsets in pixel cells (see jitter_offsets), or None without jitter)."""
-    device = batch.targets.device
-    pick = torch.rand(batch.n, sample_count, generator=generator, device=device) if sample_count > 0 else None
-    offsets = None
+def draw_samples(group: SizeGroup, keys: torch.Tensor, count: int, jitter: float):
+    """(coords, targets) of one step for a group: `count` pixels per image (every pixel when count equals the
+    group's pixels, else uniform picks with replacement), a `jitter` fraction moved within their pixel cells
+    with the bilinear image there as target. keys: int64 [n], the step's key of each image. Drawn eagerly,
+    so the loss itself stays one graph under torch.compile."""
+    coords, targets = group.coords, group.targets
+    if count < group.pixels:
+        pick = rng.uniform(keys, (count,), stream=_PICK).mul_(group.pixels).long().clamp_max_(group.pixels - 1)
+        coords = coords[pick]  # [n, count, 2]
+        targets = torch.gather(targets, 1, pick[..., None].expand(-1, -1, 3))
     if jitter > 0:
-        p = sample_count if sample_count > 0 else batch.coords.shape[-2]
-        offsets = jitter_offsets(batch.n, p, jitter, generator, device, batch.coords.dtype)
-    return pick, offsets
+        cell = coords.new_tensor([2.0 / group.width, 2.0 / group.height])  # one pixel cell along x and y
+        coords = coords + jitter_offsets(keys, count, jitter) * cell
+        targets = continuous_targets(group, coords)
+    return coords, targets
 
 
-def per_image_loss(params: siren.SirenParams, batch: FitBatch, arch: Architecture, pick: torch.Tensor | None,
-                    offsets: torch.Tensor | None) -> torch.Tensor:
-    """[N] per-image MSE in model space, on all pixels (pick None) or on the pixels `pick` chooses (see
-    draw_samples). offsets: move the samples that far within their pixel cells, with the bilinearly
-    interpolated image there as target (fits the continuous image, not only the pixel centres; samples
-    with a zero offset keep the centres pinned)."""
-    if pick is None:
-        coords, targets = batch.coords, batch.targets
-        if offsets is not None:
-            coords = offset_coords(coords, batch.extent, offsets)
-            targets = continuous_targets(batch, coords)
-        out = siren.train_forward(params, coords, arch)
-        err = (out - targets).pow(2)
-        if batch.uniform:
-            return err.mean(dim=(1, 2))
-        return (err.sum(dim=2) * batch.weights).sum(dim=1) / 3.0
-    idx = (pick * batch.counts[:, None]).long().clamp_max_(batch.counts[:, None] - 1)
-    if batch.uniform:
-        coords = batch.coords[idx]  # [N, P, 2]
-    else:
-        coords = torch.gather(batch.coords, 1, idx[..., None].expand(-1, -1, 2))
-    if offsets is not None:
-        coords = offset_coords(coords, batch.extent, offsets)
-        targets = continuous_targets(batch, coords)
-    else:
-        targets = torch.gather(batch.targets, 1, idx[..., None].expand(-1, -1, 3))
+def per_image_loss(params: siren.SirenParams, coords: torch.Tensor, targets: torch.Tensor,
+                   arch: Architecture) -> torch.Tensor:
+    """[n] per-image MSE in model space of the networks `params` at coords ([P,2] shared or [n,P,2]) against
+    targets [n,P,3] (see draw_samples)."""
     out = siren.train_forward(params, coords, arch)
     return (out - targets).pow(2).mean(dim=(1, 2))
 
 
+def _group_params(params: siren.SirenParams, batch: FitBatch, group: SizeGroup) -> siren.SirenParams:
+    if len(batch.groups) == 1:
+        return params
+    return siren.SirenParams(*(t.index_select(0, group.members) for t in params))
+
+
 def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, *, steps: int, lr: float,
                 keep: torch.Tensor | None = None, pixel_fraction: float = 1.0, jitter: float = 0.0,
-                generator: torch.Generator | None = None, on_step=None, compiled_loss=None) -> None:
+                keys: DrawKeys | None = None, first_step: int = 0, on_step=None, compiled_loss=None) -> None:
     """Adam with cosine decay (lr -> 0 over `steps`) on the sum of per-image MSEs, in place.
     `keep` [N,H,W,W] holds pruned hidden weights at exactly zero (grads and weights masked).
     `jitter` (0..1): fraction of the samples fitted at a random point of their pixel cell against the
-    bilinearly interpolated image (see per_image_loss); `generator` draws the pixel samples and the jitter."""
+    bilinearly interpolated image (see draw_samples). `keys` (default: seed 0, ids 0..N-1) and
+    `first_step` (the steps of earlier rounds) decide the pixel samples and jitter of every step."""
     if not 0.0 <= jitter <= 1.0:
         raise ValueError(f"jitter must be in [0, 1] (a fraction of the samples), got {jitter!r}")
-    device = batch.targets.device
+    device = params.first_w.device
+    if keys is None:
+        keys = DrawKeys.of(0, None, batch.n, device)
     fused = device.type == "cuda"
     opt = torch.optim.Adam(list(params), lr=lr, fused=fused, foreach=None if fused else True)
-    sample_count = 0
-    if pixel_fraction < 1.0:
-        sample_count = max(1, math.ceil(pixel_fraction * int(batch.targets.shape[1])))
+    counts = [sample_count(g.pixels, pixel_fraction) for g in batch.groups]
+    random = jitter > 0 or any(c < g.pixels for c, g in zip(counts, batch.groups))
     loss_fn = compiled_loss or per_image_loss
     keep_f = keep.to(params.hidden_w.dtype) if keep is not None else None
     if keep_f is not None:
@@ -193,8 +226,14 @@ def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, 
         for group in opt.param_groups:
             group["lr"] = group_lr
         opt.zero_grad(set_to_none=True)
-        pick, offsets = draw_samples(batch, sample_count, jitter, generator)
-        loss = loss_fn(params, batch, arch, pick, offsets).sum()
+        step_keys = keys.step(first_step + step) if random else None
+        loss = None
+        for g, count in zip(batch.groups, counts):
+            group_keys = None if step_keys is None else \
+                (step_keys if len(batch.groups) == 1 else step_keys.index_select(0, g.members))
+            coords, targets = draw_samples(g, group_keys, count, jitter) if random else (g.coords, g.targets)
+            group_loss = loss_fn(_group_params(params, batch, g), coords, targets, arch).sum()
+            loss = group_loss if loss is None else loss + group_loss
         loss.backward()
         if keep_f is not None:
             params.hidden_w.grad.mul_(keep_f)
@@ -206,23 +245,38 @@ def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, 
             on_step(step + 1)
 
 
+def _sse_by_image(params: siren.SirenParams, coords: torch.Tensor, target_of, arch: Architecture) -> torch.Tensor:
+    """float64 [n] sum of squared pixel errors of n networks over the pixels at coords [P,2]; target_of(start,
+    stop, rows) gives the [len(rows), stop-start, 3] pixels in [0,1]. Images go in sub-batches and pixels in
+    chunks of fixed sizes, so each image's sum is formed the same way whatever the batch."""
+    n, pixels = params.first_w.shape[0], coords.shape[0]
+    sse = torch.zeros(n, device=params.first_w.device, dtype=torch.float64)
+    chunk = min(pixels, EVAL_PIXEL_CHUNK)
+    rows_per_pass = max(1, EVAL_PIXELS_PER_PASS // chunk)
+    for r0 in range(0, n, rows_per_pass):
+        rows = slice(r0, min(n, r0 + rows_per_pass))
+        sub = siren.SirenParams(*(t[rows] for t in params))
+        for start in range(0, pixels, chunk):
+            stop = min(pixels, start + chunk)
+            pred = siren.to_pixels(siren.forward(sub, coords[start:stop], arch))
+            sse[rows] += (pred - target_of(start, stop, rows)).pow(2).sum(dim=(1, 2), dtype=torch.float64)
+    return sse
+
+
+def _psnr_of(sse: torch.Tensor, pixels: int) -> torch.Tensor:
+    mse = (sse / (pixels * 3)).clamp_min(1e-12)
+    return (-10.0 * torch.log10(mse)).float()
+
+
 @torch.no_grad()
 def fit_psnr(params: siren.SirenParams, batch: FitBatch, arch: Architecture) -> torch.Tensor:
     """[N] PSNR (dB) over every pixel of the fitting images, outputs clamped to [0, 1] like a decoder."""
-    n, pmax = batch.targets.shape[:2]
-    sse = torch.zeros(n, device=batch.targets.device, dtype=torch.float64)
-    step = max(1, EVAL_PIXELS_PER_PASS // max(1, n))
-    for start in range(0, pmax, step):
-        stop = min(pmax, start + step)
-        coords = batch.coords[start:stop] if batch.uniform else batch.coords[:, start:stop]
-        pred = siren.to_pixels(siren.forward(params, coords, arch))
-        target = batch.targets[:, start:stop] * 0.5 + 0.5
-        err = (pred - target).pow(2).sum(dim=2)
-        if not batch.uniform:
-            err = err * (batch.weights[:, start:stop] > 0)
-        sse += err.sum(dim=1, dtype=torch.float64)
-    mse = (sse / (batch.counts.double() * 3)).clamp_min(1e-12)
-    return (-10.0 * torch.log10(mse)).float()
+    out = torch.empty(batch.n, device=params.first_w.device, dtype=torch.float32)
+    for g in batch.groups:
+        sse = _sse_by_image(_group_params(params, batch, g), g.coords,
+                            lambda start, stop, rows: g.targets[rows, start:stop] * 0.5 + 0.5, arch)
+        out[g.members] = _psnr_of(sse, g.pixels)
+    return out
 
 
 @torch.no_grad()
@@ -239,23 +293,10 @@ def psnr_against(params: siren.SirenParams, images: list[np.ndarray], arch: Arch
         sel = torch.tensor(members, device=device)
         sub = siren.SirenParams(*(t.index_select(0, sel) for t in params))
         target_all = torch.from_numpy(np.stack([images[i] for i in members])).reshape(len(members), h * w, 3)
-        grid = siren.pixel_grid(h, w, device=device)
-        sse = torch.zeros(len(members), dtype=torch.float64, device=device)
-        step = max(1, EVAL_PIXELS_PER_PASS // len(members))
-        for start in range(0, h * w, step):
-            stop = min(h * w, start + step)
-            pred = siren.to_pixels(siren.forward(sub, grid[start:stop], arch))
-            target = target_all[:, start:stop].to(device).float() / 255.0
-            sse += (pred - target).pow(2).sum(dim=(1, 2), dtype=torch.float64)
-        mse = (sse / (h * w * 3)).clamp_min(1e-12)
-        out[torch.tensor(members)] = (-10.0 * torch.log10(mse)).float().cpu()
+        sse = _sse_by_image(sub, siren.pixel_grid(h, w, device=device),
+                            lambda start, stop, rows: target_all[rows, start:stop].to(device).float() / 255.0, arch)
+        out[torch.tensor(members)] = _psnr_of(sse, h * w).cpu()
     return out
-
-
-def batch_seed(seed: int, batch_index: int) -> int:
-    """A 63-bit seed for batch `batch_index` of a run seeded `seed` (well mixed, platform independent)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(batch_index)]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 @dataclass
@@ -268,24 +309,24 @@ class FitResult:
 
 
 def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round, ...], *,
-               prune_rule=None, hidden_dtype: str = "int8", seed: int = 0, batch_index: int = 0, device="cpu",
-               pixel_fraction: float = 1.0, jitter: float = 0.0, originals: list[np.ndarray] | None = None,
-               on_step=None, compiled_loss=None, float_dtype: str = "float32") -> FitResult:
+               prune_rule=None, hidden_dtype: str = "int8", seed: int = 0, image_ids: Sequence[int] | None = None,
+               device="cpu", pixel_fraction: float = 1.0, jitter: float = 0.0,
+               originals: list[np.ndarray] | None = None, on_step=None, compiled_loss=None,
+               float_dtype: str = "float32") -> FitResult:
     """Fit one batch through every round, prune, quantize; return what the writer needs.
 
-    images: uint8 [h, w, 3] at fitting resolution; originals: the source pixels the index PSNR is
-    measured against (default: images). on_step(steps_done_in_batch) is called after every step.
+    images: uint8 [h, w, 3] at fitting resolution; image_ids: each image's index in the source (default
+    0..N-1): with `seed` it decides every random draw of its fit. originals: the source pixels the index
+    PSNR is measured against (default: images). on_step(steps_done_in_batch) is called after every step.
     hidden_dtype / float_dtype: storage of the hidden weights / of the first and last layers and biases;
     the recorded PSNR is that of the stored model."""
     device = torch.device(device)
     n = len(images)
-    rng_seed = batch_seed(seed, batch_index)
-    init_gen = torch.Generator().manual_seed(rng_seed)
-    params = siren.init_params(arch, n, generator=init_gen, device=device)
+    keys = DrawKeys.of(seed, image_ids, n, device)
+    grey = grey_images(images)
+    params = initial_params(arch, keys.init())
+    tie_grey_outputs(params, grey)
     params = siren.SirenParams(*(t.requires_grad_(True) for t in params))
-    sample_gen = None
-    if pixel_fraction < 1.0 or jitter > 0.0:  # pixel samples and jitter, one stream per batch
-        sample_gen = torch.Generator(device=device).manual_seed(rng_seed ^ 0x5EED)
     batch = prepare_batch(images, device)
     keep = None
     done = 0
@@ -306,9 +347,10 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
                 on_step(base + k)
 
         train_round(params, batch, arch, steps=r.steps, lr=r.lr, keep=keep, pixel_fraction=pixel_fraction,
-                    jitter=jitter, generator=sample_gen, on_step=stepped, compiled_loss=compiled_loss)
+                    jitter=jitter, keys=keys, first_step=done, on_step=stepped, compiled_loss=compiled_loss)
         done += r.steps
     with torch.no_grad():
+        tie_grey_outputs(params, grey)  # exactly grey, whatever the rounding of the steps
         fitted_psnr = fit_psnr(params, batch, arch)
         q, scale = quantize_hidden(params.hidden_w.detach(), hidden_dtype)
 

@@ -20,8 +20,9 @@ import zstandard
 
 from .errors import InrFormatError, InrUsageError
 from .spec import (ALIGNMENT, CHECKED_AT_OPEN, CHUNK_DTYPE, COORDINATES, FLOAT_DTYPES, FORMAT_NAME, HIDDEN_DTYPES,
-                   IN_FEATURES, INDEX_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_HEADER_BYTES, OUT_FEATURES,
-                   OUTPUT_LAYER, OUTPUT_MAPPING, PREAMBLE_DTYPE, PREAMBLE_SIZE, REQUIRED_SECTIONS, VERSION_MAJOR,
+                   IN_FEATURES, INDEX_DTYPE, KEY_OFFSET_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_HEADER_BYTES,
+                   OPTIONAL_SECTIONS, OUT_FEATURES, OUTPUT_LAYER, OUTPUT_MAPPING, PREAMBLE_DTYPE, PREAMBLE_SIZE,
+                   REQUIRED_SECTIONS, VERSION_MAJOR,
                    VERSION_MINOR, Architecture, WeightBatch, align, architecture_problem, chunk_payload_layout,
                    payload_bytes, prune_ratio_of)
 
@@ -52,7 +53,8 @@ class InrFile:
 
     Attributes: path, version (major, minor), arch, hidden_dtype, float_dtype, has_masks, num_images,
     num_chunks, index (read-only INDEX_DTYPE rows), scales (float32 [N, H]), chunks (CHUNK_DTYPE rows),
-    classes, metadata, file_bytes, sections, header.
+    classes, metadata, keys (each image's source key, or None when the file has no `keys` section),
+    optional_sections (names of the validated optional sections present), file_bytes, sections, header.
     """
 
     def __init__(self, path):
@@ -230,14 +232,19 @@ class InrFile:
         s = self.sections[name]
         return self._mm[s["offset"]:s["offset"] + s["length"]]
 
+    def _checked_section_bytes(self, name: str) -> bytes:
+        """A section's bytes after its CRC-32 check."""
+        data = self._section_bytes(name)
+        crc = zlib.crc32(data)
+        if crc != self.sections[name]["crc32"]:
+            self._fail(f"section {name!r}", f"checksum mismatch (stored {self.sections[name]['crc32']:#010x}, "
+                                            f"computed {crc:#010x})")
+        return data
+
     def _load_tables(self) -> None:
         a, n = self.arch, self.num_images
         for name in CHECKED_AT_OPEN:
-            data = self._section_bytes(name)
-            crc = zlib.crc32(data)
-            if crc != self.sections[name]["crc32"]:
-                self._fail(f"section {name!r}", f"checksum mismatch (stored {self.sections[name]['crc32']:#010x}, "
-                                                f"computed {crc:#010x})")
+            self._checked_section_bytes(name)
         # Sizes against num_images / architecture.
         expect = {"index": n * INDEX_DTYPE.itemsize, "scales": n * a.hidden_layers * 4,
                   "chunks": self.num_chunks * CHUNK_DTYPE.itemsize}
@@ -261,6 +268,51 @@ class InrFile:
         self._check_scales()
         self._check_chunks()
         self._check_index()
+        self._load_optional_sections()
+
+    # -- optional sections (FORMAT.md section 9.1): one path, a parser per name --------------------------
+    def _load_optional_sections(self) -> None:
+        """Validate every optional section this reader knows and the file's minor version defines."""
+        self.optional_sections = [name for name, minor in OPTIONAL_SECTIONS.items()
+                                  if name in self.sections and self.version[1] >= minor]
+        self._key_offsets = self._key_text = None
+        self._keys = None
+        for name in self.optional_sections:
+            getattr(self, f"_parse_{name}_section")(self._checked_section_bytes(name))
+
+    def _parse_keys_section(self, data: bytes) -> None:
+        n, where = self.num_images, "section 'keys'"
+        table = (n + 1) * KEY_OFFSET_DTYPE.itemsize
+        if len(data) < table:
+            self._fail(where, f"length {len(data)} is shorter than its offset table ({n + 1} offsets, {table} bytes)")
+        offsets = np.frombuffer(data, KEY_OFFSET_DTYPE, count=n + 1)
+        text = data[table:]
+        if int(offsets[0]) != 0:
+            self._fail(where, f"offsets[0] is {int(offsets[0])}, must be 0")
+        self._reject(offsets[1:] < offsets[:-1], lambda i: (
+            f"{where} offsets[{i + 1}]", f"{int(offsets[i + 1])} is less than offsets[{i}] = {int(offsets[i])}"))
+        if int(offsets[-1]) != len(text):
+            self._fail(where, f"offsets[{n}] is {int(offsets[-1])} but {len(text)} bytes of text follow the table")
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self._fail(where, f"text is not valid UTF-8 at byte {e.start}")
+        inner = offsets[(offsets > 0) & (offsets < len(text))].astype(np.int64)
+        continuation = (np.frombuffer(text, np.uint8)[inner] & 0xC0) == 0x80
+        self._reject(continuation, lambda i: (
+            where, f"offset {int(inner[i])} splits a UTF-8 character (every key must be valid UTF-8)"))
+        self._key_offsets, self._key_text = offsets.astype(np.int64), text
+
+    @property
+    def keys(self) -> list[str] | None:
+        """Each image's source key (relative path, archive member or array index), None without a `keys`
+        section (files written before format 1.1)."""
+        if self._key_offsets is None:
+            return None
+        if self._keys is None:
+            o, text = self._key_offsets, self._key_text
+            self._keys = [text[o[i]:o[i + 1]].decode("utf-8") for i in range(self.num_images)]
+        return self._keys
 
     def _json_section(self, name: str, kind):
         value = self._parse_json(self._section_bytes(name), f"section {name!r}")
@@ -471,6 +523,13 @@ class InrFile:
 
     def verify(self) -> None:
         """Check every checksum (the whole blobs section too) and decode every chunk."""
+        self.verify_checksums()
+        for k in range(self.num_chunks):
+            self.read_payload(k)
+
+    def verify_checksums(self) -> None:
+        """Check the CRC-32 of the `blobs` section (the other sections are checked at open): every byte of
+        the file is then covered by a checksum, at the cost of one pass over it without decompressing."""
         self._check_open()
         blobs = self.sections["blobs"]
         crc, pos, end = 0, blobs["offset"], blobs["offset"] + blobs["length"]
@@ -480,8 +539,6 @@ class InrFile:
             pos += step
         if crc != blobs["crc32"]:
             self._fail("section 'blobs'", f"checksum mismatch (stored {blobs['crc32']:#010x}, computed {crc:#010x})")
-        for k in range(self.num_chunks):
-            self.read_payload(k)
 
     def _check_open(self) -> None:
         if self._mm is None:

@@ -1,10 +1,13 @@
 """Scale-out: shards of a convert, torchrun ranks, and the shard-aware `merge`.
 
-`--shard K/N` encodes a deterministic contiguous share of the batches into a part file (metadata "shard"
-and "settings_hash"); `merge` checks that parts form one complete run and joins them in shard order.
-Because a shard is made of whole batches with the same per-batch seeds, merged shards equal a
-single-process run. Under torchrun (RANK / WORLD_SIZE set, or an initialised process group) each rank
-encodes shard RANK/WORLD_SIZE into OUT.part-RANK-of-WORLD, and rank 0 waits for every part and merges them.
+`--shard K/N` encodes a contiguous share of the images into a part file (metadata "shard" and
+"settings_hash"): shard K of N gets images [K*M//N, (K+1)*M//N) of the M source items, so shares differ by
+at most one image. `merge` checks that parts form one complete run and joins them in shard order. An
+image's fit depends only on the run's settings and the image itself (inrfmt.fit), and the merged file is
+chunked as one writer would chunk it, so merged shards are byte-identical to a single-process run, whatever
+the number of shards (on one device and torch build). Under torchrun (RANK / WORLD_SIZE set, or an
+initialised process group) each rank encodes shard RANK/WORLD_SIZE into OUT.part-RANK-of-WORLD, and rank
+0 waits for every part and merges them.
 """
 from __future__ import annotations
 
@@ -63,12 +66,16 @@ def distributed_rank() -> tuple[int, int, int | None] | None:
         raise InrUsageError(f"bad torchrun environment: RANK={rank_i} not in [0, WORLD_SIZE={world_i})")
     return rank_i, world_i, local_i
 
-def shard_batches(num_batches: int, shard: tuple[int, int] | None) -> range:
-    """Batches of shard K of N: a contiguous run of whole batches, [K*nb//N, (K+1)*nb//N)."""
+# Metadata keys only a part file has: a merge of a complete set leaves them out, so it equals a single run.
+SHARD_METADATA = ("shard", "settings_hash", "shard_items", "source_items")
+
+
+def shard_items(num_items: int, shard: tuple[int, int] | None) -> range:
+    """Source items of shard K of N: [K*M//N, (K+1)*M//N), floor(M/N) or ceil(M/N) of the M items."""
     if shard is None:
-        return range(num_batches)
+        return range(num_items)
     k, n = shard
-    return range(k * num_batches // n, (k + 1) * num_batches // n)
+    return range(k * num_items // n, (k + 1) * num_items // n)
 
 def part_path(out, rank: int, world: int) -> str:
     """Where rank `rank` of a torchrun convert writes its shard."""
@@ -175,8 +182,13 @@ def merge(out, parts, overwrite: bool = False, reproducible: bool = False) -> No
             raise InrUsageError(f"merge: incomplete set of parts: {what}")
         paths = [p for _, _, p, _ in keyed]
         metas = [m for _, _, _, m in keyed]
-        meta["shard"] = f"merged {n}/{n}"
-        meta["shard_items"] = f"0:{metas[0].get('source_items', '?')}"
+        for m in metas:
+            meta.update(m)
+        for key in SHARD_METADATA:  # the merged file is what one process would have written
+            meta.pop(key, None)
+    else:
+        for m in metas:
+            meta.update(m)
     skipped = []
     for p, m in zip(paths, metas):
         try:
@@ -195,4 +207,4 @@ def merge(out, parts, overwrite: bool = False, reproducible: bool = False) -> No
             meta["img_steps_per_s"] = f"{img_steps / slowest:.1f}" if slowest > 0 else "nan"
         except ValueError:
             pass
-    merge_files(paths, out_path, metadata=meta)
+    merge_files(paths, out_path, metadata=meta, inherit_metadata=False)

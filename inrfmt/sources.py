@@ -1,4 +1,5 @@
-"""Streaming image sources for `convert`: an image folder, CIFAR pickle batches, HDF5, .npy / .npz.
+"""Streaming image sources for `convert`: an image folder, CIFAR pickle batches, HDF5, .npy / .npz (and,
+through `inrfmt.archive_sources`, WebDataset tar shards and Parquet files).
 
 Every source is random-access by index and lazy: opening one makes only a listing (file names, array
 shapes, labels); pixels are read by `load(i)`. Each sample comes back as an RGB uint8 [H, W, 3] array at its
@@ -6,10 +7,12 @@ original size, whatever the stored mode, so the encoder sees one kind of image.
 
 Kinds (chosen by `open_source` from what SRC is):
 
-* image folder: ``SRC/<class>/<file>`` with .jpg .jpeg .png .webp .bmp (any letter case). Labels are the
-  index of the class folder in sorted order. A folder of images with no class folders gives label -1 and
-  ``classes == []``. Items are sorted by name, so the order is the same on every machine. Hidden entries
-  (names starting with ".") are skipped. Only the top level and one level of class folders are read.
+* image folder: ``SRC/<class>/**/<file>`` with .jpg .jpeg .png .webp .bmp .tif .tiff .gif (any letter
+  case; a GIF or multi-page TIFF gives its first frame), at any depth below the class folder (torchvision's
+  ImageFolder rule: the class is the top-level folder). Labels are the index of the class folder in sorted
+  order. A folder of images with no class folders gives label -1 and ``classes == []``. Items are sorted
+  by relative path, so the order is the same on every machine; the key is that path. Everything else
+  (other extensions, hidden files and folders) is recorded in `unread` with the reason.
 * CIFAR-10 / CIFAR-100 python pickle batches: a folder that holds ``data_batch_*`` (CIFAR-10) or ``train``
   (CIFAR-100) reads those training batches, in numeric order; the test split is read by pointing SRC at the
   ``test_batch`` / ``test`` file itself (a folder never mixes the two splits). A single batch file, or a list
@@ -69,14 +72,17 @@ import numpy as np
 
 from .errors import InrUsageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # A decompression-bomb cap: a file that claims more pixels than this is a bad item, not an allocation.
 # 8192 x 8192; a per-image SIREN is no use for larger pictures anyway.
 MAX_IMAGE_PIXELS = 8192 * 8192
-# Pillow formats an image folder may hold (multi-picture MPO JPEGs from cameras open through "JPEG").
-_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# Pillow formats an image folder may hold (multi-picture MPO JPEGs from cameras open through "JPEG"; a
+# multi-page TIFF or an animated GIF gives its first frame).
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+# At most this many unread files are named in the metadata (all of them are counted).
+MAX_UNREAD_LISTED = 1000
 DEFAULT_IMAGE_NAMES = ("images", "x", "X", "data", "imgs")
 DEFAULT_LABEL_NAMES = ("labels", "y", "Y", "targets")
 DEFAULT_CLASS_NAMES = ("classes", "class_names")
@@ -99,13 +105,22 @@ class SourceItemError(Exception):
 
 class Source:
     """Random access by index; opening makes only a listing. Subclasses fill `classes` and implement
-    `__len__`, `key` and `_load`. `kind` and `path` say what was opened (for messages and metadata)."""
+    `__len__`, `key` and `_load`. `kind` and `path` say what was opened (for messages and metadata).
+    `unread` lists what SRC holds that the source does not read ({"key", "reason"} dicts, at most
+    MAX_UNREAD_LISTED of them) and `unread_count` counts it all: nothing is dropped silently."""
 
     kind = "source"
 
     def __init__(self, path: Path, classes: list[str]):
         self.path = path
         self.classes = classes
+        self.unread: list[dict] = []
+        self.unread_count = 0
+
+    def _not_read(self, key: str, reason: str) -> None:
+        self.unread_count += 1
+        if len(self.unread) < MAX_UNREAD_LISTED:
+            self.unread.append({"key": key, "reason": reason})
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -196,22 +211,37 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _why_not_an_image(full: Path, name: str) -> str:
+    if name.startswith("."):
+        return "hidden"
+    if full.is_symlink() and not full.exists():
+        return "broken link"
+    ext = os.path.splitext(name)[1].lower()
+    return f"not an image file this reader reads ({ext or 'no extension'}; reads {' '.join(IMAGE_EXTENSIONS)})"
+
+
 class ImageFolderSource(Source):
+    """torchvision's ImageFolder layout: ``SRC/<class>/**/<image>`` (class = the top-level folder, images
+    at any depth below it) or a flat folder of images (label -1)."""
+
     kind = "imagefolder"
 
     def __init__(self, root: Path, background=(255, 255, 255)):
         self.background = _check_background(background)
+        super().__init__(root, [])
         try:
-            entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+            entries = sorted(os.listdir(root))
         except OSError as e:
             raise InrUsageError(f"cannot list SRC {root}: {e.strerror or e}") from None
-        class_dirs, loose = [], []
+        class_dirs, loose, other = [], [], []
         for name in entries:
             full = root / name
-            if _is_image_name(name):
+            if not name.startswith(".") and _is_image_name(name):
                 loose.append(name)  # a directory named x.jpg is an item too: load() reports it
-            elif full.is_dir():
+            elif not name.startswith(".") and full.is_dir():
                 class_dirs.append(name)
+            else:
+                other.append(name)
         files: list[str] = []
         labels: list[int] = []
         if class_dirs:
@@ -221,25 +251,53 @@ class ImageFolderSource(Source):
                     f"(e.g. {loose[0]!r}): move them into a class folder"
                 )
             for label, cls in enumerate(class_dirs):
-                try:
-                    names = sorted(e for e in os.listdir(root / cls) if not e.startswith(".") and _is_image_name(e))
-                except OSError as e:
-                    raise InrUsageError(f"cannot list class folder {root / cls}: {e.strerror or e}") from None
-                files.extend(f"{cls}/{n}" for n in names)
+                names = self._walk(root, cls)
+                files.extend(names)
                 labels.extend([label] * len(names))
             classes = class_dirs
         else:
             files = loose
             labels = [-1] * len(loose)
             classes = []
+        for name in other:
+            self._not_read(name + ("/" if (root / name).is_dir() else ""), _why_not_an_image(root / name, name))
         if not files:
             raise InrUsageError(
                 f"no images found in SRC {root} (looked for {' '.join(IMAGE_EXTENSIONS)} files in "
-                f"SRC/<class>/ or SRC/)"
+                f"SRC/<class>/ (any depth) or SRC/)"
             )
-        super().__init__(root, classes)
+        self.classes = classes
         self.files = files
         self.labels = np.asarray(labels, dtype=np.int64)
+
+    def _walk(self, root: Path, cls: str) -> list[str]:
+        """Image files below class folder `cls` at any depth, sorted by relative path; records the rest."""
+        found: list[str] = []
+        seen: set[str] = set()
+
+        def fail(e: OSError):
+            raise InrUsageError(f"cannot list class folder {e.filename}: {e.strerror or e}")
+
+        for top, dirs, names in os.walk(root / cls, onerror=fail, followlinks=True):
+            real = os.path.realpath(top)
+            rel = Path(top).relative_to(root).as_posix()
+            if real in seen:  # a link back up the tree
+                dirs[:] = []
+                self._not_read(rel + "/", "a link to a folder already read")
+                continue
+            seen.add(real)
+            for d in sorted(dirs):
+                if d.startswith("."):
+                    self._not_read(f"{rel}/{d}/", "hidden")
+                elif _is_image_name(d):  # a folder named like an image is an item: load() reports it
+                    found.append(f"{rel}/{d}")
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_image_name(d))
+            for name in sorted(names):
+                if not name.startswith(".") and _is_image_name(name):
+                    found.append(f"{rel}/{name}")
+                else:
+                    self._not_read(f"{rel}/{name}", _why_not_an_image(Path(top) / name, name))
+        return sorted(found)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -254,8 +312,6 @@ class ImageFolderSource(Source):
 
 def load_image_file(path: Path, key: str, background=(255, 255, 255)) -> np.ndarray:
     """Read one image file -> RGB uint8 [H, W, 3], EXIF orientation applied. SourceItemError if bad."""
-    from PIL import Image, ImageOps
-
     try:
         st = os.stat(path)
     except OSError as e:
@@ -269,6 +325,16 @@ def load_image_file(path: Path, key: str, background=(255, 255, 255)) -> np.ndar
             data = f.read()
     except OSError as e:
         raise SourceItemError(key, f"cannot read: {e.strerror or e}") from None
+    return decode_image_bytes(data, key, background)
+
+
+def decode_image_bytes(data: bytes, key: str, background=(255, 255, 255)) -> np.ndarray:
+    """An encoded image (JPEG, PNG, WebP, BMP, TIFF, GIF) -> RGB uint8 [H, W, 3], EXIF orientation applied.
+    SourceItemError naming `key` if it is empty, corrupt, truncated or over the pixel cap."""
+    from PIL import Image, ImageOps
+
+    if not data:
+        raise SourceItemError(key, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # Our own pixel cap below replaces Pillow's bomb warning; other warnings stay quiet too.
@@ -305,13 +371,17 @@ def load_image_file(path: Path, key: str, background=(255, 255, 255)) -> np.ndar
 def _why_unidentified(data: bytes) -> str:
     """Pillow's "cannot identify image file" hides the reason; for a file that starts like one of our
     formats, ask that format's reader what is wrong (e.g. a PNG header checksum)."""
-    from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+    from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin,
+                     WebPImagePlugin)
 
     readers = [
         (b"\x89PNG\r\n\x1a\n", PngImagePlugin.PngImageFile, "PNG"),
         (b"\xff\xd8", JpegImagePlugin.JpegImageFile, "JPEG"),
         (b"BM", BmpImagePlugin.BmpImageFile, "BMP"),
         (b"RIFF", WebPImagePlugin.WebPImageFile, "WebP"),
+        (b"II*\x00", TiffImagePlugin.TiffImageFile, "TIFF"),
+        (b"MM\x00*", TiffImagePlugin.TiffImageFile, "TIFF"),
+        (b"GIF8", GifImagePlugin.GifImageFile, "GIF"),
     ]
     for magic, reader, name in readers:
         if data.startswith(magic):
@@ -323,7 +393,7 @@ def _why_unidentified(data: bytes) -> str:
                     detail = "invalid header"
                 return f"corrupt {name} file: {detail}"
             return f"corrupt {name} file"
-    return "not a JPEG, PNG, WebP or BMP image (unknown or unsupported format)"
+    return "not a JPEG, PNG, WebP, BMP, TIFF or GIF image (unknown or unsupported format)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -850,23 +920,61 @@ def _looks_like_hdf5(path: Path) -> bool:
         return False
 
 
-_SUPPORTED = "an image folder, CIFAR pickle batches (file or folder), .h5/.hdf5, .npy or .npz"
+_SUPPORTED = ("an image folder, CIFAR pickle batches (file or folder), .h5/.hdf5, .npy, .npz, WebDataset .tar "
+              "shards or .parquet files")
 
 
-def open_source(src, *, h5_images=None, h5_labels=None, background=(255, 255, 255)) -> Source:
-    """Open SRC as a lazy `Source` (see the module doc for the kinds). InrUsageError if missing or unsupported.
-
-    `src` may also be a list of CIFAR batch files. `h5_images` / `h5_labels` name the arrays in HDF5 and
-    .npz files. `background` is the RGB colour transparent images are composited on."""
-    background = _check_background(background)
+def _expand(src) -> list[Path] | None:
+    """SRC as a list of files when it names several (a list, or a brace pattern), else None."""
     if isinstance(src, (list, tuple)):
         paths = [Path(os.fspath(p)) for p in src]
         if not paths:
             raise InrUsageError("SRC is an empty list of files")
-        for p in paths:
-            if not p.is_file():
-                raise InrUsageError(f"SRC not found: {p}")
-        return CifarSource(paths)
+        return paths
+    text = os.fspath(src)
+    if "{" in text and not os.path.exists(text):
+        from .archive_sources import expand_braces
+
+        return [Path(p) for p in expand_braces(text)]
+    return None
+
+
+def _sole_kind(paths: list[Path], what: str) -> str:
+    """"tar", "parquet" or "cifar" for a list of files that are all of one kind."""
+    from .archive_sources import PARQUET_SUFFIX, is_tar_name
+
+    kinds = {"tar" if is_tar_name(p.name) else "parquet" if p.name.lower().endswith(PARQUET_SUFFIX) else "cifar"
+             for p in paths}
+    if len(kinds) > 1:
+        raise InrUsageError(f"{what} mixes kinds of files ({', '.join(sorted(kinds))}); give one kind at a time")
+    return kinds.pop()
+
+
+def _open_files(paths: list[Path], h5_images, h5_labels, background) -> Source:
+    from .archive_sources import ParquetSource, WebDatasetSource
+
+    for p in paths:
+        if not p.is_file():
+            raise InrUsageError(f"SRC not found: {p}")
+    kind = _sole_kind(paths, "SRC")
+    if kind == "tar":
+        return WebDatasetSource(paths, background)
+    if kind == "parquet":
+        return ParquetSource(paths, h5_images, h5_labels, background)
+    return CifarSource(paths)
+
+
+def open_source(src, *, h5_images=None, h5_labels=None, background=(255, 255, 255)) -> Source:
+    """Open SRC as a lazy `Source` (see the module doc and inrfmt.archive_sources for the kinds).
+    InrUsageError if missing or unsupported.
+
+    `src` may also be a list of files or a brace pattern (``train-{000..009}.tar``) of WebDataset shards,
+    Parquet files or CIFAR batch files. `h5_images` / `h5_labels` name the image / label arrays (HDF5, .npz)
+    or columns (Parquet). `background` is the RGB colour transparent images are composited on."""
+    background = _check_background(background)
+    paths = _expand(src)
+    if paths is not None:
+        return _open_files(paths, h5_images, h5_labels, background)
     path = Path(os.fspath(src))
     if not path.exists():
         raise InrUsageError(f"SRC not found: {path}")
@@ -874,6 +982,9 @@ def open_source(src, *, h5_images=None, h5_labels=None, background=(255, 255, 25
         batches = _cifar_batches_in(path)
         if batches and all(_looks_like_pickle(p) for p in batches):
             return CifarSource(batches)
+        archives = _archives_in(path)
+        if archives:
+            return _open_files(archives, h5_images, h5_labels, background)
         return ImageFolderSource(path, background)
     if not path.is_file():
         raise InrUsageError(f"SRC {path} is neither a folder nor a regular file")
@@ -884,8 +995,26 @@ def open_source(src, *, h5_images=None, h5_labels=None, background=(255, 255, 25
         return NpzSource(path, h5_images, h5_labels)
     if suffix == ".npy":
         return NpySource(path)
+    from .archive_sources import PARQUET_SUFFIX, is_tar_name
+
+    if is_tar_name(path.name) or path.name.lower().endswith(PARQUET_SUFFIX):
+        return _open_files([path], h5_images, h5_labels, background)
     if suffix in (".pkl", ".pickle") or _looks_like_pickle(path):
         return CifarSource([path])
     if _is_image_name(path.name):
         raise InrUsageError(f"SRC {path} is a single image; put images in a folder (SRC/<class>/<file>) and pass the folder")
     raise InrUsageError(f"SRC {path}: unrecognised content (expected {_SUPPORTED})")
+
+
+def _archives_in(folder: Path) -> list[Path]:
+    """The .tar shards or .parquet files of a folder that holds only those (and no sub-folders)."""
+    from .archive_sources import PARQUET_SUFFIX, is_tar_name
+
+    try:
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    except OSError:
+        return []
+    archives = [n for n in names if is_tar_name(n) or n.lower().endswith(PARQUET_SUFFIX)]
+    if not archives or len(archives) != len(names) or any((folder / n).is_dir() for n in names):
+        return []
+    return [folder / n for n in archives]

@@ -20,7 +20,7 @@ from .errors import InrUsageError
 MAGIC = b"\x89INR\r\n\x1a\n"  # PNG-style: high bit, CRLF and ^Z catch text-mode / 7-bit mangling
 FORMAT_NAME = "inr"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1
 ALIGNMENT = 64
 PREAMBLE_SIZE = 64
 MAX_HEADER_BYTES = 1 << 20
@@ -35,6 +35,10 @@ OUTPUT_LAYER = "linear"
 REQUIRED_SECTIONS = ("blobs", "index", "scales", "chunks", "classes", "metadata")
 # Sections whose CRC-32 a reader checks at open (all small); `blobs` is checked per chunk on read.
 CHECKED_AT_OPEN = ("index", "scales", "chunks", "classes", "metadata")
+# Optional sections, each with the minor version that defines it. A reader validates (CRC-32 included) and
+# uses one only in files of that minor version or newer; in older files the name is an unknown section.
+# Writers write the lowest version that defines every section they write (1.0 without any of these).
+OPTIONAL_SECTIONS = {"keys": 1}
 
 # Storage dtypes by their names in the header (little-endian in the file).
 DTYPES = {"int8": np.dtype("i1"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
@@ -73,6 +77,23 @@ CHUNK_DTYPE = np.dtype([
     ("crc32", "<u4"),              # CRC-32 of the compressed frame
 ])
 assert CHUNK_DTYPE.itemsize == 40
+
+
+# Section `keys`: N + 1 offsets into the UTF-8 text that follows them (FORMAT.md section 9.1).
+KEY_OFFSET_DTYPE = np.dtype("<u8")
+
+
+def keys_section(keys: Sequence[str]) -> bytes:
+    """The bytes of a `keys` section holding `keys` (one string per image, in image order)."""
+    encoded = [k.encode("utf-8") for k in keys]
+    offsets = np.zeros(len(encoded) + 1, KEY_OFFSET_DTYPE)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return offsets.tobytes() + b"".join(encoded)
+
+
+def minor_version(section_names) -> int:
+    """The minor version a writer puts on a file with these sections (the lowest that defines them all)."""
+    return max([0] + [OPTIONAL_SECTIONS[name] for name in section_names if name in OPTIONAL_SECTIONS])
 
 
 def align(n: int) -> int:

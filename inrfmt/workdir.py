@@ -57,6 +57,21 @@ def work_dir_for(out) -> Path:
     return Path(f"{os.fspath(out)}.work")
 
 
+def read_settings(target: Path) -> tuple[dict, Path]:
+    """(the settings record, its path) of the interrupted run writing `target`; InrUsageError if there is none."""
+    path = work_dir_for(target) / SETTINGS_NAME
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InrUsageError(f"nothing to resume for {target}: {path} does not exist (give SRC and OUT to start "
+                            f"a new convert)") from None
+    except (OSError, ValueError) as e:
+        raise InrUsageError(f"cannot resume: {path} is unreadable ({e}); use --overwrite to start over") from None
+    if not isinstance(record, dict):
+        raise InrUsageError(f"cannot resume: {path} is not a settings record; use --overwrite to start over")
+    return record, path
+
+
 class WorkDir:
     """OUT.work/ of the file `target`, created for a new run or checked for `--resume`."""
 

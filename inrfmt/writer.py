@@ -17,9 +17,9 @@ from .checks import check_int
 from .errors import InrUsageError
 from .reader import InrFile
 from .spec import (CHUNK_DTYPE, FLOAT_DTYPES, FORMAT_NAME, HIDDEN_DTYPES, INDEX_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES,
-                   MAX_HEADER_BYTES, PREAMBLE_DTYPE, PREAMBLE_SIZE, VERSION_MAJOR, VERSION_MINOR, DTYPES,
-                   Architecture, WeightBatch, align, canonical_json, chunk_payload_layout, payload_bytes,
-                   prune_ratio_of)
+                   MAX_HEADER_BYTES, PREAMBLE_DTYPE, PREAMBLE_SIZE, VERSION_MAJOR, DTYPES, Architecture,
+                   WeightBatch, align, canonical_json, chunk_payload_layout, keys_section, minor_version,
+                   payload_bytes, prune_ratio_of)
 
 DEFAULT_ZSTD_LEVEL = 9
 
@@ -27,7 +27,11 @@ DEFAULT_ZSTD_LEVEL = 9
 class InrWriter:
     """Streams images into a new .inr file. Atomic: writes `.<name>.*.tmp` next to `path`, fsyncs and
     renames on close(); on an exception inside `with` (or abort()) the temp file is removed and `path`
-    is left untouched. The same inputs give a byte-identical file, whatever the sizes of the add() batches."""
+    is left untouched. The same inputs give a byte-identical file, whatever the sizes of the add() batches:
+    chunks hold `chunk_images` images each, counted from the first image, the last one the rest.
+
+    Source keys: pass `keys` (one string per image) to every add()/append_chunk() or to none; with keys the
+    file gets a `keys` section and is version 1.1, without it is version 1.0."""
 
     def __init__(self, path, arch: Architecture, *, hidden_dtype: str = "int8", float_dtype: str = "float32",
                  has_masks: bool = False, classes: Iterable[str] = (), metadata: dict | None = None,
@@ -54,6 +58,7 @@ class InrWriter:
         self._cctx = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=False)
         self._pending: list[tuple[WeightBatch, np.ndarray]] = []  # (weights, index rows), file dtypes
         self._pending_n = 0
+        self._keys: list[str] | None = None  # None until the first add decides whether the file has keys
         self._index: list[np.ndarray] = []
         self._scales: list[np.ndarray] = []
         self._chunks: list[tuple] = []
@@ -95,13 +100,15 @@ class InrWriter:
         return self._num_images + self._pending_n
 
     # -- input ------------------------------------------------------------------------------------
-    def add(self, weights: WeightBatch, labels, heights, widths, psnr, prune_ratio) -> None:
+    def add(self, weights: WeightBatch, labels, heights, widths, psnr, prune_ratio, keys=None) -> None:
         """Append n images. Arrays are per image (length n). prune_ratio must agree with the mask
-        (the file stores the exact 1 - nnz/(H*W*W)); it must be 0 when the file has no masks."""
+        (the file stores the exact 1 - nnz/(H*W*W)); it must be 0 when the file has no masks. keys: each
+        image's source key (see the class doc)."""
         if self._closed:
             raise InrUsageError("InrWriter.add: writer is closed")
         try:
             batch, rows = self._convert(weights, labels, heights, widths, psnr, prune_ratio)
+            self._add_keys(keys, len(batch), "InrWriter.add")
         except BaseException:
             self.abort()
             raise
@@ -115,6 +122,18 @@ class InrWriter:
         except BaseException:
             self.abort()
             raise
+
+    def _add_keys(self, keys, n: int, where: str) -> None:
+        if self.num_images == 0 and self._keys is None:
+            self._keys = [] if keys is not None else None
+        elif (keys is None) != (self._keys is None):
+            raise InrUsageError(f"{where}: give keys for every batch of images or for none")
+        if keys is None:
+            return
+        keys = list(keys)
+        if len(keys) != n or not all(isinstance(k, str) for k in keys):
+            raise InrUsageError(f"{where}: keys must be {n} strings, one per image")
+        self._keys.extend(keys)
 
     def _convert(self, wb: WeightBatch, labels, heights, widths, psnr, prune_ratio):
         a, n = self.arch, len(wb)
@@ -212,15 +231,19 @@ class InrWriter:
         frame = self._cctx.compress(raw)
         self._write_chunk(frame, len(raw), zlib.crc32(frame), head_rows, head.hidden_scale)
 
-    def append_chunk(self, frame: bytes, raw_length: int, crc: int, rows: np.ndarray, scales: np.ndarray) -> None:
+    def append_chunk(self, frame: bytes, raw_length: int, crc: int, rows: np.ndarray, scales: np.ndarray,
+                     keys=None) -> None:
         """Append one already compressed chunk: its zstd `frame`, the payload's `raw_length`, the frame's
-        CRC-32, its images' INDEX_DTYPE `rows` (the `chunk` field is renumbered) and float32 `scales` [n, H].
-        merge_files copies chunks this way; the caller vouches for the frame (InrFile checks it on read)."""
+        CRC-32, its images' INDEX_DTYPE `rows` (the `chunk` field is renumbered), float32 `scales` [n, H]
+        and their source keys. merge_files copies chunks this way; the caller vouches for the frame (InrFile
+        checks it on read) and for the chunking (add() images may be pending only when this chunk follows
+        a whole number of chunk_images)."""
         if self._closed:
             raise InrUsageError("InrWriter.append_chunk: writer is closed")
         if self._pending_n:
             raise InrUsageError("InrWriter.append_chunk: images added with add() are still pending; "
                                 "do not mix add() and append_chunk() in one file")
+        self._add_keys(keys, len(rows), "InrWriter.append_chunk")
         self._write_chunk(frame, raw_length, crc, rows, scales)
 
     def _write_chunk(self, frame: bytes, raw_length: int, crc: int, rows: np.ndarray, scales: np.ndarray) -> None:
@@ -263,6 +286,8 @@ class InrWriter:
             ("classes", canonical_json(self.classes)),
             ("metadata", canonical_json(self.metadata)),
         ]
+        if self._keys is not None:
+            tables.append(("keys", keys_section(self._keys)))
         pos = PREAMBLE_SIZE + self._blob_bytes
         for name, data in tables:
             start = align(pos)
@@ -287,7 +312,8 @@ class InrWriter:
         fh.write(bytes(header_offset - pos))
         fh.write(header_bytes)
         pre = np.zeros((), PREAMBLE_DTYPE)
-        pre["magic"], pre["major"], pre["minor"] = MAGIC, VERSION_MAJOR, VERSION_MINOR
+        pre["magic"], pre["major"] = MAGIC, VERSION_MAJOR
+        pre["minor"] = minor_version(name for name, _ in tables)
         pre["header_crc32"] = zlib.crc32(header_bytes)
         pre["header_offset"], pre["header_length"] = header_offset, len(header_bytes)
         fh.seek(0)
@@ -351,10 +377,14 @@ def _vector(values, n: int, name: str, dtype, lo=None, hi=None) -> np.ndarray:
 
 
 
-def merge_files(parts, out, *, metadata=None) -> None:
-    """Concatenate .inr files (same architecture, dtypes, masks and classes) into `out`, in order.
-    Compressed chunks are copied verbatim (CRC-checked on the way). Metadata: the parts' metadata merged
-    in order (a later part's value wins), then `metadata` on top. Atomic like InrWriter."""
+def merge_files(parts, out, *, metadata=None, inherit_metadata: bool = True, chunk_images: int = 1024) -> None:
+    """Concatenate .inr files (same architecture, dtypes, masks and classes) into `out`, in order, chunked
+    as one InrWriter would chunk the same images (chunk_images per chunk from the first image): a part's
+    chunk that already lies on that grid is copied verbatim (CRC-checked on the way), any other is read and
+    re-chunked, so the result does not depend on how the images were split into parts. Source keys are
+    carried (a part without keys gives its images empty keys). Metadata: the parts' metadata merged in
+    order (a later part's value wins), then `metadata` on top; with inherit_metadata=False only `metadata`.
+    Atomic like InrWriter."""
     paths = [os.fspath(p) for p in parts]
     if not paths:
         raise InrUsageError("merge: no input files")
@@ -369,17 +399,29 @@ def merge_files(parts, out, *, metadata=None) -> None:
                     raise InrUsageError(f"merge: {f.path} is incompatible with {first.path}: {attr} "
                                         f"{getattr(f, attr)!r:.200} != {getattr(first, attr)!r:.200}")
         merged_meta: dict[str, str] = {}
-        for f in files:
+        for f in files if inherit_metadata else ():
             merged_meta.update(f.metadata)
         merged_meta.update(_check_metadata(metadata, "merge: metadata"))
+        with_keys = any(f.keys is not None for f in files)
+        total = sum(f.num_images for f in files)
         with InrWriter(out, first.arch, hidden_dtype=first.hidden_dtype, float_dtype=first.float_dtype,
-                       has_masks=first.has_masks, classes=first.classes, metadata=merged_meta) as writer:
+                       has_masks=first.has_masks, classes=first.classes, metadata=merged_meta,
+                       chunk_images=chunk_images) as writer:
+            size = writer.chunk_images
             for f in files:
+                keys = (f.keys if f.keys is not None else [""] * f.num_images) if with_keys else None
                 for k in range(f.num_chunks):
-                    frame, raw_length = f.read_chunk_frame(k)
                     start, stop = f.chunk_range(k)
-                    writer.append_chunk(frame, raw_length, int(f.chunks["crc32"][k]), f.index[start:stop],
-                                         f.scales[start:stop])
+                    chunk_keys = keys[start:stop] if with_keys else None
+                    done = writer.num_images
+                    if done % size == 0 and (stop - start == size or done + stop - start == total):
+                        frame, raw_length = f.read_chunk_frame(k)
+                        writer.append_chunk(frame, raw_length, int(f.chunks["crc32"][k]), f.index[start:stop],
+                                            f.scales[start:stop], keys=chunk_keys)
+                    else:
+                        rows = f.index[start:stop]
+                        writer.add(f.read_chunk(k), rows["label"], rows["height"], rows["width"], rows["psnr"],
+                                   rows["prune_ratio"], keys=chunk_keys)
     finally:
         for f in files:
             f.close()

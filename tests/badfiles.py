@@ -114,9 +114,9 @@ def write_zero_size_png(path: Path) -> Path:
 
 
 def write_unsupported_format(path: Path) -> Path:
-    """A valid GIF named .jpg: GIF is not one of the formats an image folder may hold."""
+    """A valid PPM named .jpg: PPM is not one of the formats an image folder may hold."""
     buf = io.BytesIO()
-    Image.fromarray(good_image_array(105)).convert("P").save(buf, format="GIF")
+    Image.fromarray(good_image_array(105)).save(buf, format="PPM")
     path.write_bytes(buf.getvalue())
     return path
 

@@ -33,6 +33,19 @@ def _no_silent_triton_fallback(request):
         assert failed is None, f"the triton decoder fell back to torch: {failed}"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module on one torch CPU thread: its fits are many small ops, which two threads only slow down
+    on a busy 2-core box (hand-offs), and results are then bitwise comparable with single-threaded
+    subprocesses. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_addoption(parser):
     parser.addoption("--junit-incremental", metavar="PATH", default=None,
                      help="write a JUnit XML report to PATH after every test")

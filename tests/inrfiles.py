@@ -28,13 +28,14 @@ def random_weights(arch: Architecture, n: int, seed: int = 0) -> WeightBatch:
 
 
 def write_random_inr(path, sizes, labels=None, *, arch: Architecture = SMALL_ARCH, seed: int = 0,
-                     classes=(), chunk_images: int = 1024) -> str:
-    """Write len(sizes) images of the given (height, width) sizes; labels default to 0..n-1."""
+                     classes=(), chunk_images: int = 1024, keys=None) -> str:
+    """Write len(sizes) images of the given (height, width) sizes; labels default to 0..n-1; `keys` (source
+    keys, one per image) make a format 1.1 file."""
     n = len(sizes)
     heights = [h for h, _ in sizes]
     widths = [w for _, w in sizes]
     labels = list(range(n)) if labels is None else list(labels)
     with InrWriter(path, arch, classes=classes, chunk_images=chunk_images) as writer:
         writer.add(random_weights(arch, n, seed), labels, heights, widths, psnr=np.full(n, 30.0),
-                   prune_ratio=np.zeros(n))
+                   prune_ratio=np.zeros(n), keys=keys)
     return str(path)

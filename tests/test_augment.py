@@ -11,6 +11,7 @@ from inrfmt import augment as A
 from inrfmt import siren
 from inrfmt.bank import TensorBank
 from inrfmt.decode import decode_torch
+from inrfmt.decode_args import resized_size
 from inrfmt.errors import InrUsageError
 from inrfmt.spec import Architecture
 
@@ -164,7 +165,7 @@ def test_resize_shorter_side_keeps_aspect_and_is_a_plain_decode():
     torch.testing.assert_close(got, decode_torch(bank, [0], plan.size), atol=0, rtol=0)
     plan, _ = run(A.Resize((5, 7)), bank, [0])
     assert plan.size == (5, 7)
-    assert A.Resize(8, max_size=9)._host_size(12, 16) == (int(9 * 8 / 10), 9)
+    assert resized_size(12, 16, 8, max_size=9) == (int(9 * 8 / 10), 9)
 
 
 def test_resize_then_center_crop_per_image_on_mixed_sizes():
@@ -173,7 +174,7 @@ def test_resize_then_center_crop_per_image_on_mixed_sizes():
     plan, got = run(A.Compose([A.Resize(8), A.CenterCrop(8)]), bank, [0, 1, 2])
     assert got.shape == (3, 3, 8, 8)
     for i, (h, w) in enumerate(sizes):
-        rh, rw = A.Resize(8)._host_size(h, w)
+        rh, rw = resized_size(h, w, 8)
         resized = decode_torch(bank, [i], (rh, rw))
         top, left = int(round((rh - 8) / 2)), int(round((rw - 8) / 2))
         torch.testing.assert_close(got[i:i + 1], resized[:, :, top:top + 8, left:left + 8], atol=ATOL, rtol=0)
@@ -259,7 +260,7 @@ def test_bad_arguments_are_usage_errors():
     for make in (lambda: A.RandomResizedCrop(0), lambda: A.RandomResizedCrop(8, scale=(0.9, 0.1)),
                  lambda: A.RandomResizedCrop(8, ratio=(2.0, 1.0)), lambda: A.RandomHorizontalFlip(1.5),
                  lambda: A.RandomCrop(8, padding=-1), lambda: A.RandomTranslate(-2), lambda: A.Resize("big"),
-                 lambda: A.Compose([lambda x: x])):
+                 lambda: A.Compose([42])):
         with pytest.raises(InrUsageError):
             make()
 
@@ -279,3 +280,96 @@ def test_drawing_a_plan_never_reads_device_values_on_the_host(monkeypatch):
     plan = pipeline(heights, widths, generator=torch.Generator().manual_seed(0))
     monkeypatch.undo()
     assert plan.size == (14, 14) and plan.theta.shape == (8, 2, 3)
+
+
+# ------------------------------------------------------------------------------------------- pixel ops
+def _view(batch, seed=0, keys=None):
+    return A._View(torch.full((batch,), 8.0), torch.full((batch,), 8.0), (8, 8),
+                   torch.Generator().manual_seed(seed), keys)
+
+
+def _hue_reference(image: torch.Tensor, shift: float) -> torch.Tensor:
+    """adjust_hue of one [3,H,W] image pixel by pixel with the standard library's colorsys."""
+    import colorsys
+
+    out = torch.empty_like(image)
+    for y in range(image.shape[1]):
+        for x in range(image.shape[2]):
+            h, s, v = colorsys.rgb_to_hsv(*image[:, y, x].tolist())
+            out[:, y, x] = torch.tensor(colorsys.hsv_to_rgb((h + shift) % 1.0, s, v))
+    return out
+
+
+def _one_op_reference(image, op, f):
+    grey = 0.2989 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+    if op == 0:
+        return (image * f).clamp(0, 1)
+    if op == 1:
+        return (f * image + (1 - f) * grey.mean()).clamp(0, 1)
+    if op == 2:
+        return (f * image + (1 - f) * grey).clamp(0, 1)
+    return _hue_reference(image, f)
+
+
+def test_color_jitter_applies_torchvisions_adjustments_in_each_images_own_order():
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(5, 3, 4, 5, generator=gen)
+    jitter = A.ColorJitter(brightness=0.6, contrast=0.6, saturation=0.6, hue=0.3)
+    order, factors = jitter.draw(_view(5, seed=2))
+    assert sorted(order[0].tolist()) == [0, 1, 2, 3] and len({tuple(o) for o in order.tolist()}) > 1
+    assert ((factors[:, :3] >= 0.4) & (factors[:, :3] <= 1.6)).all() and (factors[:, 3].abs() <= 0.3).all()
+    got = jitter.apply(images.clone(), order, factors)
+    for b in range(5):
+        want = images[b]
+        for op in order[b].tolist():
+            want = _one_op_reference(want, op, float(factors[b, op]))
+        torch.testing.assert_close(got[b], want, atol=1e-5, rtol=0)
+
+
+def test_color_jitter_arguments_follow_torchvision():
+    assert A.ColorJitter().brightness is None and A.ColorJitter(hue=0).hue is None
+    assert A.ColorJitter(brightness=1.5).brightness == (0.0, 2.5) and A.ColorJitter(hue=0.2).hue == (-0.2, 0.2)
+    assert A.ColorJitter(contrast=(0.5, 0.9)).contrast == (0.5, 0.9)
+    for bad in (dict(brightness=-1), dict(hue=0.7), dict(saturation=(2, 1)), dict(contrast="x")):
+        with pytest.raises(InrUsageError, match="ColorJitter"):
+            A.ColorJitter(**bad)
+
+
+def test_random_erasing_rectangles_follow_torchvisions_get_params():
+    erasing = A.RandomErasing(p=0.6, scale=(0.05, 0.2), ratio=(0.5, 2.0))
+    rect = erasing.draw(_view(2000, seed=1), (20, 30))
+    top, left, h, w = rect.unbind(1)
+    erased = h > 0
+    assert abs(float(erased.float().mean()) - 0.6) < 0.05  # p
+    assert torch.all(top[erased] + h[erased] <= 20) and torch.all(left[erased] + w[erased] <= 30)
+    area = (h * w)[erased] / 600.0
+    assert area.min() > 0.03 and area.max() < 0.25  # the scale range, up to the rounding of h and w
+    aspect = (h / w)[erased]
+    assert aspect.min() > 0.4 and aspect.max() < 2.5
+    images = torch.rand(3, 3, 20, 30)
+    rect = torch.tensor([[2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 0.0, 0.0], [10.0, 20.0, 6.0, 10.0]])
+    out = A.RandomErasing(value=(0.1, 0.2, 0.3)).apply(images.clone(), rect)
+    inside = torch.zeros(3, 20, 30, dtype=torch.bool)
+    inside[0, 2:6, 3:8] = True
+    inside[2, 10:16, 20:30] = True
+    for c, v in enumerate((0.1, 0.2, 0.3)):
+        assert torch.all(out[:, c][inside] == v)
+    assert torch.equal(out[:, :, :, :][~inside.unsqueeze(1).expand(-1, 3, -1, -1)],
+                       images[~inside.unsqueeze(1).expand(-1, 3, -1, -1)])
+    with pytest.raises(InrUsageError, match="RandomErasing"):
+        A.RandomErasing(value="noise")
+
+
+def test_keyed_draws_depend_only_on_each_images_key():
+    # With keys (what the loader passes), an image's draws do not depend on the rest of its batch.
+    keys = torch.arange(6, dtype=torch.int64) * 977 + 5
+    pipeline = A.Compose([A.RandomResizedCrop(6), A.RandomHorizontalFlip(), A.ColorJitter(0.5, 0.5, 0.5, 0.1),
+                          A.RandomErasing(p=1.0)])
+    sizes = torch.full((6,), 10)
+    whole = pipeline(sizes, sizes, native_size=(10, 10), keys=keys)
+    part = pipeline(sizes[2:5], sizes[2:5], native_size=(10, 10), keys=keys[2:5])
+    torch.testing.assert_close(part.theta, whole.theta[2:5], atol=0, rtol=0)
+    images = torch.rand(6, 3, 6, 6)
+    torch.testing.assert_close(part.finish(images[2:5].clone()), whole.finish(images.clone())[2:5], atol=0, rtol=0)
+    torch.testing.assert_close(whole.finish(images[2:5].clone(), slice(2, 5)), part.finish(images[2:5].clone()),
+                               atol=0, rtol=0)

@@ -146,3 +146,145 @@ def test_convert_cli_options_reach_the_file(tmp_path):
         assert inr.num_images == len(list((sample / "bag").iterdir()))
         assert float(inr.metadata["jitter"]) == 0.0
         assert "encode_seconds" not in inr.metadata
+
+
+# --------------------------------------------------------------------------- what a new user runs into
+def test_info_checks_every_checksum_and_exits_1_on_a_damaged_file(tmp_path):
+    # A flipped byte inside a compressed chunk: opening the file does not read chunks, `info` must notice.
+    damaged = tmp_path / "flipped.inr"
+    data = bytearray(GOLDEN.read_bytes())
+    with InrFile(GOLDEN) as inr:
+        data[int(inr.sections["blobs"]["offset"]) + 7] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    assert_one_line_error(run("info", damaged), 1, str(damaged), "blobs", "checksum mismatch")
+    assert_one_line_error(run("info", damaged, "--json"), 1, "checksum mismatch")
+
+
+def test_info_shows_keys_and_a_histogram_that_ends_at_the_cap():
+    keyed = SPEC / "keys_1_1.inr"
+    table = run("info", keyed, "--per-image", check_rc=0).stdout
+    assert "a/x.jpg" in table and "b/sous-dossier/é.png" in table
+    # prune ratios 0.125, 0.1875, 0.25: the image at 0.25 belongs to the 0.20-0.25 bin, and no bin goes above
+    assert "0.20-0.25        1" in table and "0.25-0.30" not in table
+    doc = json.loads(run("info", keyed, "--json", "--per-image", check_rc=0).stdout)
+    assert [r["key"] for r in doc["images"]] == ["a/x.jpg", "b/sous-dossier/é.png", ""]
+    assert doc["prune_ratio"]["histogram"][-1] == {"from": 0.2, "to": 0.25, "count": 1}
+    assert doc["format_version"] == "1.1"
+
+
+def test_a_file_without_images_prints_0_images_and_no_nan(tmp_path):
+    sample = tmp_path / "src"
+    shutil.copytree(ROOT / "data" / "sample" / "bag", sample / "bag")
+    for extra in sorted((sample / "bag").glob("*.png"))[2:]:
+        extra.unlink()
+    out = tmp_path / "p0.inr"
+    proc = run("convert", sample, out, "--shard", "0/4", "--steps", "2", "--quiet", "--device", "cpu", check_rc=0)
+    assert "wrote" in proc.stderr and "0 images" in proc.stderr and "nan" not in proc.stderr.lower()
+    table = run("info", out, check_rc=0).stdout
+    assert "images          0" in table and "nan" not in table.lower()
+    doc = json.loads(run("info", out, "--json", check_rc=0).stdout)  # strict JSON: no NaN
+    assert doc["num_images"] == 0 and doc["psnr"]["mean"] is None and doc["bytes_per_image"] is None
+
+
+def test_bare_inrfmt_prints_help_and_exits_0():
+    proc = run(check_rc=0)
+    assert "Usage: inrfmt" in proc.stdout and "convert" in proc.stdout and proc.stderr == ""
+
+
+def test_device_accepts_cuda_n():
+    sample = ROOT / "data" / "sample" / "bag"
+    proc = run("convert", sample, "/tmp/never.inr", "--device", "cuda:1", "--steps", "1")
+    if not __import__("torch").cuda.is_available():
+        assert_one_line_error(proc, 2, "cuda:1", "CUDA is not available")
+    assert_one_line_error(run("convert", sample, "/tmp/never.inr", "--device", "tpu"), 2, "tpu")
+
+
+def test_bench_times_each_common_size_of_a_mixed_file():
+    doc = json.loads(run("bench", GOLDEN, "--json", "--batch-size", "2", "--backend", "torch", check_rc=0).stdout)
+    assert doc["native_sizes"] == 3 and sorted(s["size"] for s in doc["sizes"]) == [[4, 4], [5, 7], [8, 3]]
+    assert sorted(row["size"] for row in doc["results"]) == ["4x4", "5x7", "8x3"]
+    assert "--size" in run("bench", "--help", check_rc=0).stdout
+
+
+def test_preview_draws_the_lowest_psnr_images_first(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "sheet.png"
+    proc = run("preview", SPEC / "keys_1_1.inr", out, "--worst", "2", "--random", "1", "--size", "32", check_rc=0)
+    assert "2 lowest-PSNR and 1 random" in proc.stderr
+    from inrfmt.preview import preview
+
+    result = preview(SPEC / "keys_1_1.inr", tmp_path / "again.png", worst=2, random=1, size=32, device="cpu")
+    with InrFile(SPEC / "keys_1_1.inr") as inr:
+        order = np.argsort(inr.index["psnr"])
+    assert result["worst"] == order[:2].tolist() and result["random"] == order[2:].tolist()
+    with Image.open(out) as sheet:
+        assert sheet.size == (result["width"], result["height"]) and sheet.mode == "RGB"
+    assert_one_line_error(run("preview", SPEC / "keys_1_1.inr", tmp_path / "no" / "x.png"), 2, "not writable")
+
+
+def test_export_size_keeps_the_aspect_ratio_and_takes_hxw(tmp_path):
+    from PIL import Image
+
+    run("export", GOLDEN, tmp_path / "short", "--size", "10", check_rc=0)  # 5x7, 8x3, 4x4 originals
+    with Image.open(next((tmp_path / "short").rglob("00000.png"))) as img:
+        assert (img.height, img.width) == (10, 14)
+    run("export", GOLDEN, tmp_path / "hw", "--size", "44x40", check_rc=0)
+    assert {Image.open(p).size for p in (tmp_path / "hw").rglob("*.png")} == {(40, 44)}
+    assert_one_line_error(run("export", GOLDEN, tmp_path / "bad", "--size", "4x"), 2, "4x")
+    run("export", GOLDEN, tmp_path / "one.h5", "--format", "h5", "--size", "6x6", check_rc=0)
+    assert (tmp_path / "one.h5").is_file()
+    run("export", GOLDEN, tmp_path / "named_anything", "--format", "h5", "--size", "6x6", check_rc=0)
+    assert (tmp_path / "named_anything").is_file()  # OUT is the file, whatever its name
+
+
+def test_export_into_an_unwritable_place_is_one_line(tmp_path):
+    assert_one_line_error(run("export", GOLDEN, "/proc/inrfmt-export"), 2, "cannot write")
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(run("export", GOLDEN, tmp_path / "file" / "ro" / "exp"), 2, "not a folder")
+
+
+def _synopsis():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Command line", 1)[1].split("```", 2)[1]
+    return [line.split() for line in block.splitlines() if line.startswith("inrfmt ")]
+
+
+def test_readme_synopsis_matches_the_commands():
+    # Every option the synopsis shows outside brackets would be required: none is; every option it shows
+    # exists; every command is there.
+    import click
+
+    from inrfmt.cli import cli
+
+    lines = _synopsis()
+    assert {words[1] for words in lines} >= set(cli.commands)
+    for words in lines:
+        command = cli.commands[words[1]]
+        options = {opt for p in command.params for opt in getattr(p, "opts", []) if opt.startswith("--")}
+        depth, bare = 0, []
+        for word in words[2:]:
+            depth += word.count("[")
+            flag = word.strip("[]|").split("=")[0]
+            if flag.startswith("--"):
+                assert flag in options, (words[1], flag)
+                if depth == 0:
+                    bare.append(flag)
+            depth -= word.count("]")
+        required = [p for p in command.params if isinstance(p, click.Option) and p.required]
+        assert bare == [] and required == [], (words[1], bare)
+
+
+def test_readme_documents_source_keys_and_error_classes():
+    from inrfmt import sources
+    from inrfmt.archive_sources import DEFAULT_IMAGE_COLUMNS, DEFAULT_LABEL_COLUMNS
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in ("InrUsageError", "InrFormatError", "InrInterrupted", "exit code 2", "exit code 1"):
+        assert name in text, name
+    for names in (sources.DEFAULT_IMAGE_NAMES, sources.DEFAULT_LABEL_NAMES, sources.DEFAULT_CLASS_NAMES,
+                  DEFAULT_IMAGE_COLUMNS, DEFAULT_LABEL_COLUMNS):
+        assert " ".join(f"`{n}`" for n in names) in text, names
+    for key in ("cat/sub/x.jpg", "data_batch_1#123", "data.h5#17", "train-000000.tar/000123.jpg",
+                "train-00000-of-00004.parquet#17"):
+        assert key in text, key

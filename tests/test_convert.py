@@ -1,4 +1,5 @@
 """The convert pipeline: usage errors, bad input, kill -9 + resume, shards + merge, torchrun."""
+import io
 import json
 import os
 import signal
@@ -27,12 +28,7 @@ SAMPLE = ROOT / "data" / "sample"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_folder(root: Path, n: int, size=(10, 10)) -> Path:
@@ -198,36 +194,45 @@ def _index_and_weights(path):
         return f.index.copy(), wb, dict(f.metadata)
 
 
-def test_shards_and_merge_equal_single_run(tmp_path):
-    src = tiny_folder(tmp_path / "src", 5)
-    common = dict(steps=10, batch_size=2, seed=1, progress=False, device="cpu", reproducible=True)
+def test_shards_balance_by_image_and_merge_to_the_single_run_bytes(tmp_path):
+    # Shard K of N gets floor(M/N) or ceil(M/N) of the M images (not whole batches: with batches of 3,
+    # 7 images over 2 shards used to give 3 + 4 only by luck, and 5 images of batch 8 gave 0 + 5), and
+    # the merged file is the single run's, byte for byte, whatever N.
+    src = tiny_folder(tmp_path / "src", 7, size=(8, 8))
+    common = dict(steps=5, batch_size=3, seed=1, progress=False, device="cpu", reproducible=True)
     single = tmp_path / "single.inr"
     convert(src, single, **common)
-    parts = [tmp_path / f"p{k}.inr" for k in range(3)]
-    for k, p in enumerate(parts):
-        summary = convert(src, p, shard=f"{k}/3", **common)
-        assert summary["shard"] == f"{k}/3"
-    sizes = [InrFile(p).num_images for p in parts]
-    assert sizes == [2, 2, 1]  # 3 batches of 2 over 3 shards: contiguous whole batches, in order
-    merged = tmp_path / "merged.inr"
-    with pytest.raises(InrUsageError, match="missing shard"):
-        merge(merged, [parts[0], parts[2]])
-    merge(merged, [parts[2], parts[0], parts[1]])  # given out of order: put in shard order
-    a, wa, _ = _index_and_weights(single)
-    b, wb, meta = _index_and_weights(merged)
-    assert np.array_equal(a, b)
-    for x, y in zip(wa.arrays(), wb.arrays()):
-        assert (x is None and y is None) or np.array_equal(x, y)
-    assert meta["shard"] == "merged 3/3" and json.loads(meta["skipped"]) == []
-    # More shards than batches: the first shard is empty, the merge still equals the single run.
-    one_batch = dict(common, batch_size=8)
-    convert(src, tmp_path / "single8.inr", **one_batch)
-    for k in range(2):
-        convert(src, tmp_path / f"q{k}.inr", shard=f"{k}/2", **one_batch)
-    assert InrFile(tmp_path / "q0.inr").num_images == 0
-    merge(tmp_path / "merged8.inr", [tmp_path / "q0.inr", tmp_path / "q1.inr"])
-    single8, merged8 = (_index_and_weights(tmp_path / name)[0] for name in ("single8.inr", "merged8.inr"))
-    assert np.array_equal(single8, merged8)
+    for n in (2, 3, 8):
+        parts = [tmp_path / f"n{n}-p{k}.inr" for k in range(n)]
+        for k, p in enumerate(parts):
+            summary = convert(src, p, shard=f"{k}/{n}", **common)
+            assert summary["shard"] == f"{k}/{n}" and summary["num_images"] == (k + 1) * 7 // n - k * 7 // n
+        merged = tmp_path / f"merged{n}.inr"
+        if n == 3:
+            with pytest.raises(InrUsageError, match="missing shard"):
+                merge(merged, [parts[0], parts[2]])
+        merge(merged, list(reversed(parts)))  # given out of order: put in shard order
+        assert merged.read_bytes() == single.read_bytes(), f"{n} shards"
+    with InrFile(single) as f:
+        assert json.loads(f.metadata["skipped"]) == [] and "shard" not in f.metadata
+        assert f.keys == sorted(f.keys) and len(f.keys) == 7 and f.keys[0] == "a/001.png"
+
+
+def test_an_image_is_fitted_the_same_in_any_batch(tmp_path):
+    # Mixed sizes, other batch sizes and other companions: each image's weights and PSNR are the same bits.
+    src = tiny_folder(tmp_path / "src", 6, size=(9, 7))
+    for name in ("b/004.png", "a/001.png"):
+        Image.open(src / name).resize((6, 10)).save(src / name)
+    files = {}
+    for batch_size in (1, 4, 6):
+        out = tmp_path / f"b{batch_size}.inr"
+        convert(src, out, steps=6, batch_size=batch_size, seed=4, progress=False, device="cpu", reproducible=True,
+                pixel_fraction=0.6)
+        files[batch_size] = _index_and_weights(out)
+    (a, wa, _), (b, wb, _), (c, wc, _) = files.values()
+    assert np.array_equal(a, b) and np.array_equal(a, c)
+    for x, y, z in zip(wa.arrays(), wb.arrays(), wc.arrays()):
+        assert (x is None and y is None and z is None) or (np.array_equal(x, y) and np.array_equal(x, z))
 
 
 def test_torchrun_two_ranks(tmp_path):
@@ -242,13 +247,7 @@ def test_torchrun_two_ranks(tmp_path):
     assert not any(Path(part_path(out, r, 2)).exists() for r in range(2))
     single = tmp_path / "single.inr"
     convert(src, single, steps=10, batch_size=2, seed=2, progress=False, device="cpu", reproducible=True)
-    a, wa, _ = _index_and_weights(single)
-    b, wb, meta = _index_and_weights(out)
-    fields = ["label", "height", "width", "prune_ratio"]
-    assert np.array_equal(a[fields], b[fields])
-    np.testing.assert_allclose(a["psnr"], b["psnr"], atol=1e-4)
-    np.testing.assert_allclose(wa.first_w, wb.first_w, atol=1e-5)
-    assert meta["shard"] == "merged 2/2"
+    assert out.read_bytes() == single.read_bytes()  # two ranks write what one process writes
 
 
 # ------------------------------------------------------------------------------------- pinned bytes
@@ -292,3 +291,101 @@ def test_public_names_survive_submodule_imports():
             importlib.import_module(f"inrfmt.{info.name}")
     assert callable(inrfmt.convert) and callable(inrfmt.merge) and callable(inrfmt.open)
     assert inrfmt.convert.__module__ == "inrfmt.conversion"
+
+
+# ------------------------------------------------------------------------------- interrupts and progress
+
+
+def _stop_after_parts(args, out, parts, sig):
+    """Run `inrfmt convert ARGS`, send `sig` once `parts` batches are saved; (returncode, stderr)."""
+    work = work_dir_for(out)
+    proc = subprocess.Popen([sys.executable, "-m", "inrfmt", "convert", *map(str, args)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and len(list(work.glob("part-*.inr"))) < parts:
+            assert proc.poll() is None, f"convert ended before it could be stopped: {proc.stderr.read()[-1000:]}"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+def test_ctrl_c_and_sigterm_say_what_is_saved_and_resume_takes_the_saved_settings(tmp_path):
+    src = tiny_folder(tmp_path / "src", 12, size=(16, 16))
+    out = tmp_path / "run.inr"
+    options = ["--steps", "100", "--batch-size", "1", "--seed", "3", "--reproducible", "--quiet", "--device", "cpu"]
+    saved = 0
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        args = [src, out, *options] if sig == signal.SIGTERM else ["--resume", out, "--quiet"]
+        rc, err = _stop_after_parts(args, out, saved + 1, sig)  # one more batch than the last time
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert rc == code and len(lines) == 1, (rc, err)
+        now = int(lines[0].split("interrupted: ")[1].split(" of ")[0])
+        assert saved < now < 12 and f"of 12 batches are saved in {work_dir_for(out)}" in lines[0]
+        assert lines[0].endswith(f"resume with: inrfmt convert --resume {out}") and "Traceback" not in err
+        saved = now
+    # An option that contradicts the saved settings is named; SRC and the rest may be left out.
+    proc = cli("convert", "--resume", out, "--steps", "61", check=False)
+    assert proc.returncode == 2 and "--steps 61 conflicts" in proc.stderr and "steps = 100" in proc.stderr
+    proc = cli("convert", tmp_path / "elsewhere", out, "--resume", check=False)
+    assert proc.returncode == 2 and "is not the source of the interrupted run" in proc.stderr
+    cli("convert", "--resume", out, "--seed", "3", "--device", "cpu", "--quiet")  # agreeing options are fine
+    straight = tmp_path / "straight.inr"
+    convert(src, straight, steps=100, batch_size=1, seed=3, reproducible=True, progress=False, device="cpu")
+    assert out.read_bytes() == straight.read_bytes()
+    proc = cli("convert", "--resume", tmp_path / "nothing.inr", check=False)
+    assert proc.returncode == 2 and "nothing to resume" in proc.stderr
+
+
+class _Stream(io.StringIO):
+    def __init__(self, terminal):
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self):
+        return self.terminal
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_counts_images_and_the_steps_of_the_current_batch(tmp_path, monkeypatch, terminal):
+    import inrfmt.conversion as conversion
+
+    src = tiny_folder(tmp_path / "src", 5, size=(6, 6))
+    stream = _Stream(terminal)
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(conversion, "PROGRESS_LOG_SECONDS", 0.0)
+    monkeypatch.setattr(conversion, "PROGRESS_REDRAW_SECONDS", 0.0)
+    convert(src, tmp_path / "p.inr", steps=4, batch_size=3, progress=True, device="cpu", prune=False)
+    text = stream.getvalue()
+    lines = [line for line in text.replace("\r\x1b[K", "\n").splitlines() if line.strip()]
+    assert "convert fast: 0/5 images, batch 1/2 (3 images): step 0/4" in lines  # before the first step ends
+    assert any(line.startswith("convert fast: 0/5 images, batch 1/2 (3 images): step 1/4, ") for line in lines)
+    assert any(line.startswith("convert fast: 3/5 images, batch 2/2 (2 images): step 4/4") for line in lines)
+    assert any("ETA" in line and "PSNR" in line and "steps/s" in line for line in lines)
+    if terminal:  # one line redrawn in place
+        assert "\r" in text and text.endswith("\n")
+    else:  # plain lines for a log: no carriage returns
+        assert "\r" not in text and "\x1b" not in text
+
+
+def test_convert_a_webdataset_shard_skips_and_names_a_bad_sample(tmp_path):
+    import tarfile
+
+    images = sorted(SAMPLE.glob("*/*.png"))[:3]
+    with tarfile.open(tmp_path / "train-000000.tar", "w") as tf:
+        for i, path in enumerate(images):
+            data = path.read_bytes() if i != 1 else b"\x89PNG\r\n\x1a\n not really"
+            for name, payload in ((f"{i:06d}.png", data), (f"{i:06d}.cls", str(i).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "wds.inr"
+    summary = convert(str(tmp_path / "train-{000000..000000}.tar"), out, steps=2, progress=False, device="cpu")
+    assert summary["num_images"] == 2 and summary["skipped"] == 1
+    with InrFile(out) as f:
+        assert f.keys == ["train-000000.tar/000000.png", "train-000000.tar/000002.png"]
+        assert f.index["label"].tolist() == [0, 2] and f.classes == ["0", "1", "2"]
+        assert [s["key"] for s in json.loads(f.metadata["skipped"])] == ["train-000000.tar/000001.png"]

@@ -176,3 +176,108 @@ def test_bank_layouts_decode_and_load_the_same(tmp_path):
         assert auto.bank.layout == "compact"
     with pytest.raises(InrUsageError, match="bank layout"):
         inrfmt.open(path, device="cpu", bank_layout="sparse")
+
+
+# ------------------------------------------------------------------------ what a torch user expects of it
+def _first_batch(loader):
+    return next(iter(loader))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_dataloader_with_spawn_and_forkserver_workers(uniform_path, context):
+    # Workers started with spawn/forkserver get a pickled dataset: it reopens its file and rebuilds its bank.
+    with inrfmt.open(uniform_path, device="cpu") as ds:
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context=context)
+        batches = list(loader)
+        assert [len(labels) for _, labels in batches] == [4, 4, 2]
+        for images, labels in batches:
+            torch.testing.assert_close(images, ds.decode(labels), atol=0, rtol=0)
+
+
+def test_pickle_and_deepcopy_reopen_the_file_and_rebuild_the_bank_lazily(mixed_path):
+    import copy
+    import pickle
+
+    with inrfmt.open(mixed_path, device="cpu", size=(6, 6)) as ds:
+        for clone in (pickle.loads(pickle.dumps(ds)), copy.deepcopy(ds)):
+            assert clone._bank is None  # nothing uploaded until the first decode
+            assert clone.file is not ds.file and clone.size == (6, 6) and len(clone) == len(ds)
+            torch.testing.assert_close(clone[3][0], ds[3][0], atol=0, rtol=0)
+            assert clone._bank is not None and clone.labels.tolist() == ds.labels.tolist()
+            clone.close()
+        ds.close()
+        with pytest.raises(InrUsageError, match="closed"):
+            pickle.dumps(ds)
+
+
+def test_torchvision_attributes(mixed_path):
+    with inrfmt.open(mixed_path, device="cpu") as ds:
+        assert ds.targets == [0, 1, 2, 0, 1, 2, 0] and all(type(t) is int for t in ds.targets)
+        assert ds.classes == ["cat", "dog", "eel"] and ds.class_to_idx == {"cat": 0, "dog": 1, "eel": 2}
+
+
+def test_size_and_transform_make_mixed_sizes_batch_like_torchvision(mixed_path):
+    # Without size= a DataLoader over a mixed-size file cannot stack its images; with it, it can.
+    with inrfmt.open(mixed_path, device="cpu") as ds:
+        with pytest.raises(RuntimeError, match="stack"):
+            list(torch.utils.data.DataLoader(ds, batch_size=4))
+    calls = []
+    with inrfmt.open(mixed_path, device="cpu", size=(6, 7), transform=lambda x: calls.append(1) or x * 2,
+                     target_transform=lambda y: y + 10) as ds:
+        images, labels = _first_batch(torch.utils.data.DataLoader(ds, batch_size=4))
+        assert images.shape == (4, 3, 6, 7) and labels.tolist() == [10, 11, 12, 10] and len(calls) == 4
+        torch.testing.assert_close(images, 2 * ds.decode([0, 1, 2, 3], size=(6, 7)), atol=0, rtol=0)
+        image, label = ds[1]
+        assert image.shape == (3, 6, 7) and label == 11
+    with pytest.raises(InrUsageError, match="transform must be callable"):
+        inrfmt.open(mixed_path, device="cpu", transform="resize")
+
+
+def test_any_integer_index_and_slices(mixed_path):
+    with inrfmt.open(mixed_path, device="cpu") as ds:
+        want = ds[2][0]
+        for index in (2, np.int32(2), np.uint8(2), np.array(2), torch.tensor(2), torch.tensor([2], dtype=torch.int16),
+                      -5, np.int64(-5)):
+            torch.testing.assert_close(ds[index][0], want, atol=0, rtol=0)
+        part = ds[1:6:2]
+        assert [label for _, label in part] == [1, 0, 2] and [tuple(x.shape[1:]) for x, _ in part] == [
+            MIXED[1], MIXED[3], MIXED[5]]
+        assert ds[5:2] == []
+        for bad in (2.0, "2", True, torch.tensor(2.0), None):
+            with pytest.raises(InrUsageError, match="index must be an integer"):
+                ds[bad]
+        with pytest.raises(IndexError):
+            ds[7]
+
+
+def test_getitem_and_getitems_hand_the_decoder_device_indices(mixed_path, monkeypatch):
+    # ds[i] and __getitems__ give the decoder an index tensor (on CUDA: a view of a device arange or a
+    # non-blocking copy from pinned memory), never a Python list for it to upload.
+    seen = []
+    real = data_mod.decode_batch
+    monkeypatch.setattr(data_mod, "decode_batch",
+                        lambda bank, idx, size, *a, **kw: seen.append(idx) or real(bank, idx, size, *a, **kw))
+    with inrfmt.open(mixed_path, device="cpu", size=5) as ds:
+        ds[3]
+        ds.__getitems__([6, 0, 2])
+    assert all(isinstance(idx, torch.Tensor) and idx.device == torch.device("cpu") for idx in seen)
+    assert [idx.tolist() for idx in seen] == [[3], [6, 0, 2]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_getitem_and_getitems_do_not_synchronize(uniform_path):
+    with inrfmt.open(uniform_path, device="cuda") as ds:
+        ds[0], ds.__getitems__([3, 1])  # warm-up: kernels compiled, buffers made
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                image, _ = ds[4]
+                items = ds.__getitems__([5, 6, 7])  # contiguous: a view of the device arange
+                items += ds.__getitems__([9, 2, 0])  # through pinned staging
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(torch.stack([x for x, _ in items]).cpu(),
+                                   ds.decode(torch.tensor([5, 6, 7, 9, 2, 0])).cpu(), atol=0, rtol=0)

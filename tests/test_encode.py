@@ -11,8 +11,8 @@ from PIL import Image
 
 from inrfmt import siren
 from inrfmt.conversion import convert
-from inrfmt.fit import (continuous_targets, fit_images, fit_psnr, jitter_coords, prepare_batch, psnr_against,
-                        train_round)
+from inrfmt.fit import (DrawKeys, continuous_targets, fit_images, fit_psnr, grey_images, jitter_offsets,
+                        prepare_batch, psnr_against, train_round)
 from inrfmt.siren import train_forward
 from inrfmt.reader import InrFile
 from inrfmt.spec import Architecture
@@ -22,6 +22,9 @@ from inrfmt.quantize import dynamic_ratio, mask_ratio, prune_masks
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
 ARCH = Architecture(sine_layers=3, width=16)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sample_images(n, size=None):
@@ -73,13 +76,16 @@ def test_batched_fit_improves_psnr():
 
 
 def test_images_in_a_batch_are_independent():
+    # Same bits alone or in a batch of three (two of another size), with jitter and pixel subsampling.
     images = sample_images(3, (12, 12))
+    images[2] = photo_crop(10, 14)
     params = init(3, seed=4)
     alone = siren.SirenParams(*(t.detach()[1:2].clone().requires_grad_(True) for t in params))
-    train_round(params, prepare_batch(images, "cpu"), ARCH, steps=25, lr=5e-3)
-    train_round(alone, prepare_batch(images[1:2], "cpu"), ARCH, steps=25, lr=5e-3)
+    options = dict(steps=25, lr=5e-3, jitter=0.5, pixel_fraction=0.5)
+    train_round(params, prepare_batch(images, "cpu"), ARCH, keys=DrawKeys.of(7, [10, 11, 12], 3, "cpu"), **options)
+    train_round(alone, prepare_batch(images[1:2], "cpu"), ARCH, keys=DrawKeys.of(7, [11], 1, "cpu"), **options)
     for a, b in zip(params, alone):
-        torch.testing.assert_close(a.detach()[1:2], b.detach(), rtol=1e-4, atol=1e-5)
+        assert torch.equal(a.detach()[1:2], b.detach())
 
 
 def test_mask_holds_through_fine_tune_and_ratio_follows_rule():
@@ -103,9 +109,9 @@ def test_fit_images_writes_consistent_result_and_is_deterministic():
     images = sample_images(4, (12, 12))
     rounds = (Round(30, 5e-3), Round(10, 1e-3, "fixed", 0.2), Round(10, 1e-3, "dynamic"))
     rule = CIFAR10_RULE
-    r1 = fit_images(images, ARCH, rounds, prune_rule=rule, hidden_dtype="int8", seed=3, batch_index=7)
-    r2 = fit_images(images, ARCH, rounds, prune_rule=rule, hidden_dtype="int8", seed=3, batch_index=7)
-    r3 = fit_images(images, ARCH, rounds, prune_rule=rule, hidden_dtype="int8", seed=3, batch_index=8)
+    r1 = fit_images(images, ARCH, rounds, prune_rule=rule, hidden_dtype="int8", seed=3, image_ids=[7, 8, 9, 10])
+    r2 = fit_images(images, ARCH, rounds, prune_rule=rule, hidden_dtype="int8", seed=3, image_ids=[7, 8, 9, 10])
+    r3 = fit_images(images, ARCH, rounds, prune_rule=rule, hidden_dtype="int8", seed=3, image_ids=[8, 9, 10, 11])
     assert np.array_equal(r1.weights.hidden_w, r2.weights.hidden_w) and np.array_equal(r1.psnr, r2.psnr)
     assert not np.array_equal(r1.weights.first_w, r3.weights.first_w)
     wb = r1.weights
@@ -129,7 +135,8 @@ def test_non_square_and_mixed_sizes_keep_orientation():
 
     images = [pattern(10, 24), pattern(24, 10), photo_crop(12, 12)]
     batch = prepare_batch(images, "cpu")
-    assert not batch.uniform
+    assert [(g.height, g.width, g.members.tolist()) for g in batch.groups] == [(10, 24, [0]), (24, 10, [1]),
+                                                                               (12, 12, [2])]
     params = init(3, seed=2)
     train_round(params, batch, ARCH, steps=150, lr=5e-3)
     for i, im in enumerate(images[:2]):
@@ -141,7 +148,7 @@ def test_non_square_and_mixed_sizes_keep_orientation():
         assert out[: h // 4 - 1].max() < 0.5  # the dark band is on top, not the bottom
     psnr = fit_psnr(params, batch, ARCH)
     direct = psnr_against(siren.SirenParams(*(t.detach() for t in params)), images, ARCH)
-    torch.testing.assert_close(psnr, direct, rtol=0, atol=1e-3)  # padding excluded from each image's MSE
+    torch.testing.assert_close(psnr, direct, rtol=0, atol=1e-3)  # each image's MSE over its own pixels
 
 
 def test_pixel_subsampling_fits():
@@ -149,8 +156,7 @@ def test_pixel_subsampling_fits():
     batch = prepare_batch(images, "cpu")
     params = init(4, seed=5)
     before = fit_psnr(params, batch, ARCH)
-    gen = torch.Generator().manual_seed(0)
-    train_round(params, batch, ARCH, steps=80, lr=5e-3, pixel_fraction=0.25, generator=gen)
+    train_round(params, batch, ARCH, steps=80, lr=5e-3, pixel_fraction=0.25, keys=DrawKeys.of(0, None, 4, "cpu"))
     assert torch.all(fit_psnr(params, batch, ARCH) > before + 5)
 
 
@@ -225,57 +231,60 @@ def test_cuda_convert_matches_cpu_decode_and_is_deterministic(tmp_path):
 # ------------------------------------------------------------------------------------ continuous fitting
 
 
-def test_continuous_targets_are_bilinear_with_border_and_mixed_sizes_map_to_their_own_image():
-    images = [photo_crop(6, 9), sample_images(1, (4, 5))[0], photo_crop(7, 3)]
-    batch = prepare_batch(images, "cpu")
-    assert not batch.uniform
-    gen = torch.Generator().manual_seed(0)
-    coords = torch.rand(3, 200, 2, generator=gen) * 2.4 - 1.2  # includes points beyond the last centres
-    got = continuous_targets(batch, coords)
-    for i, im in enumerate(images):
-        alone = torch.from_numpy(im.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-        want = torch.nn.functional.grid_sample(alone, coords[i][None, None], mode="bilinear", padding_mode="border",
-                                               align_corners=False)[0, :, 0].T
-        torch.testing.assert_close(got[i], want, rtol=0, atol=1e-5)
-        # At pixel centres the target is exactly the pixel; half-way between two centres, their mean.
+def test_continuous_targets_are_bilinear_with_border():
+    for im in (photo_crop(6, 9), sample_images(1, (4, 5))[0], photo_crop(7, 3)):
         h, w = im.shape[:2]
-        one = prepare_batch([im], "cpu")
-        centres = continuous_targets(one, siren.pixel_grid(h, w)[None])
-        torch.testing.assert_close(centres[0], one.targets[0], rtol=0, atol=1e-5)
+        group = prepare_batch([im], "cpu").groups[0]
+        # At pixel centres the target is exactly the pixel; half-way between two centres, their mean.
+        centres = continuous_targets(group, siren.pixel_grid(h, w)[None])
+        torch.testing.assert_close(centres[0], group.targets[0], rtol=0, atol=1e-5)
         between = torch.tensor([[[-1 + 2.0 / w, -1 + 1.0 / h]]])  # between pixels (0, 0) and (0, 1)
-        mid = continuous_targets(one, between)[0, 0]
-        torch.testing.assert_close(mid, one.targets[0, :2].mean(0), rtol=0, atol=1e-5)
-        corner = continuous_targets(one, torch.tensor([[[-1.0, -1.0], [1.0, 1.0]]]))[0]  # border: edge pixel
-        torch.testing.assert_close(corner, one.targets[0, [0, h * w - 1]], rtol=0, atol=1e-5)
+        mid = continuous_targets(group, between)[0, 0]
+        torch.testing.assert_close(mid, group.targets[0, :2].mean(0), rtol=0, atol=1e-5)
+        corner = continuous_targets(group, torch.tensor([[[-1.0, -1.0], [1.0, 1.0]]]))[0]  # border: edge pixel
+        torch.testing.assert_close(corner, group.targets[0, [0, h * w - 1]], rtol=0, atol=1e-5)
 
 
-def test_jitter_coords_stay_in_their_cell_and_move_the_given_fraction():
-    batch = prepare_batch([photo_crop(40, 64), photo_crop(60, 20)], "cpu")  # 2 x 2560 samples
-    cell = 2.0 / batch.extent  # (2/w, 2/h) per image
+def test_jitter_offsets_stay_in_their_cell_and_move_the_given_fraction():
+    keys = DrawKeys.of(5, [3, 4], 2, "cpu").step(0)
     for fraction in (0.3, 1.0):
-        a = jitter_coords(batch.coords, batch.extent, fraction, torch.Generator().manual_seed(5))
-        b = jitter_coords(batch.coords, batch.extent, fraction, torch.Generator().manual_seed(5))
-        assert torch.equal(a, b)  # deterministic per seed
-        offset = a - batch.coords
-        assert torch.all(offset.abs() <= cell[:, None, :] / 2 + 1e-6)
-        moved = (offset.abs() > 0).any(dim=2).float().mean()
+        a = jitter_offsets(keys, 2560, fraction)
+        assert torch.equal(a, jitter_offsets(keys, 2560, fraction))  # a pure function of the keys
+        assert not torch.equal(a[0], a[1]) and torch.equal(a[1:], jitter_offsets(keys[1:], 2560, fraction))
+        assert torch.all((a >= -0.5) & (a < 0.5))
+        moved = (a != 0).any(dim=2).float().mean()
         assert abs(float(moved) - fraction) < 0.05, (fraction, moved)
         if fraction == 1.0:  # uniform over the cell: reaches near its edges, centred on the pixel centre
-            rel = offset / cell[:, None, :]
-            assert float(rel.abs().max()) > 0.45 and abs(float(rel.mean())) < 0.05
+            assert float(a.abs().max()) > 0.45 and abs(float(a.mean())) < 0.05
+
+
+def test_grey_images_are_fitted_with_tied_channels_and_decode_grey():
+    grey = sample_images(2, (12, 12))  # Fashion-MNIST: R = G = B
+    colour = photo_crop(12, 12)
+    assert grey_images(grey + [colour]).tolist() == [True, True, False]
+    result = fit_images(grey + [colour], ARCH, (Round(30, 5e-3),), jitter=0.5, image_ids=[0, 1, 2])
+    wb = result.weights
+    for i in range(2):
+        assert np.array_equal(wb.last_w[i, 0], wb.last_w[i, 1]) and np.array_equal(wb.last_w[i, 0], wb.last_w[i, 2])
+        assert wb.last_b[i, 0] == wb.last_b[i, 1] == wb.last_b[i, 2]
+    assert not np.array_equal(wb.last_w[2, 0], wb.last_w[2, 1])
+    params = siren.SirenParams(*(torch.from_numpy(np.asarray(a, np.float32)) for a in (
+        wb.first_w, wb.first_b, wb.dequantized_hidden(), wb.hidden_b, wb.last_w, wb.last_b)))
+    decoded = siren.to_pixels(siren.forward(params, siren.pixel_grid(48, 48), ARCH))  # 4x: between centres too
+    assert torch.equal(decoded[:2, :, 0], decoded[:2, :, 1]) and torch.equal(decoded[:2, :, 1], decoded[:2, :, 2])
 
 
 def test_jittered_fit_is_deterministic_per_seed():
     images = sample_images(3, (10, 10))
     rounds = (Round(20, 5e-3), Round(10, 1e-3, "dynamic"))
-    runs = [fit_images(images, ARCH, rounds, prune_rule=CIFAR10_RULE, seed=2, batch_index=b, jitter=j,
-                       pixel_fraction=f) for b, j, f in [(0, 0.5, 1.0), (0, 0.5, 1.0), (1, 0.5, 1.0), (0, 0.0, 1.0),
-                                                         (0, 1.0, 0.5), (0, 1.0, 0.5)]]
+    runs = [fit_images(images, ARCH, rounds, prune_rule=CIFAR10_RULE, seed=2, image_ids=[b, b + 1, b + 2],
+                       jitter=j, pixel_fraction=f) for b, j, f in [(0, 0.5, 1.0), (0, 0.5, 1.0), (5, 0.5, 1.0),
+                                                                   (0, 0.0, 1.0), (0, 1.0, 0.5), (0, 1.0, 0.5)]]
     same = lambda r1, r2: all(np.array_equal(x, y) for x, y in zip(r1.weights.arrays(), r2.weights.arrays())
                               if x is not None)
     assert same(runs[0], runs[1]) and np.array_equal(runs[0].psnr, runs[1].psnr)
     assert same(runs[4], runs[5])
-    assert not same(runs[0], runs[2])  # another batch: other init and other jitter
+    assert not same(runs[0], runs[2])  # other images' ids: other init and other jitter
     assert not same(runs[0], runs[3])  # jitter changes the fit
 
 
@@ -305,7 +314,7 @@ def test_jitter_removes_oscillation_between_pixel_centres():
     for jitter in (0.0, 1.0):
         params = init(3, seed=0)
         train_round(params, prepare_batch(images, "cpu"), ARCH, steps=300, lr=5e-3, jitter=jitter,
-                    generator=torch.Generator().manual_seed(1))
+                    keys=DrawKeys.of(1, None, 3, "cpu"))
         quality[jitter] = _upscaled_quality(params, images, 4)
     plain, jittered = quality[0.0], quality[1.0]
     assert np.all(plain[:, 0] > 1.6), plain
@@ -318,8 +327,7 @@ def test_jitter_with_mixed_sizes_and_pixel_subsampling_fits():
     batch = prepare_batch(images, "cpu")
     params = init(2, seed=6)
     before = fit_psnr(params, batch, ARCH)
-    train_round(params, batch, ARCH, steps=120, lr=5e-3, jitter=0.5, pixel_fraction=0.5,
-                generator=torch.Generator().manual_seed(0))
+    train_round(params, batch, ARCH, steps=120, lr=5e-3, jitter=0.5, pixel_fraction=0.5)
     assert torch.all(fit_psnr(params, batch, ARCH) > before + 5)
     with pytest.raises(ValueError, match="jitter"):
         train_round(params, batch, ARCH, steps=1, lr=1e-3, jitter=1.5)

@@ -10,7 +10,8 @@ import zstandard
 
 from inrfmt.errors import InrFormatError, InrUsageError
 from inrfmt.reader import InrFile
-from inrfmt.spec import ALIGNMENT, Architecture, CHUNK_DTYPE, FLOAT_DTYPES, HIDDEN_DTYPES, INDEX_DTYPE, MAGIC, MAX_HEADER_BYTES, PREAMBLE_DTYPE, PREAMBLE_SIZE
+from inrfmt.spec import (ALIGNMENT, Architecture, CHUNK_DTYPE, FLOAT_DTYPES, HIDDEN_DTYPES, INDEX_DTYPE,
+                         KEY_OFFSET_DTYPE, MAGIC, MAX_HEADER_BYTES, PREAMBLE_DTYPE, PREAMBLE_SIZE, keys_section)
 from inrfmt.writer import InrWriter, merge_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,7 +233,7 @@ def test_chunks_are_plain_zstd_frames(valid):
 # ------------------------------------------------------------------------------------------------
 # merge
 # ------------------------------------------------------------------------------------------------
-def test_merge_copies_chunks_verbatim_in_order(tmp_path):
+def test_merge_chunks_like_one_writer_whatever_the_parts(tmp_path):
     wb, meta = batch_inputs(ARCH, 7, prune=0.25)
     first = {k: v[:4] for k, v in meta.items()}
     second = {k: v[4:] for k, v in meta.items()}
@@ -241,18 +242,131 @@ def test_merge_copies_chunks_verbatim_in_order(tmp_path):
     b = write(str(tmp_path / "b.inr"), ARCH, wb.take(slice(4, 7)), second, chunk_images=2,
               metadata={"shard": "1"})
     out = str(tmp_path / "m.inr")
-    merge_files([a, b], out, metadata={"merged": "yes"})
+    merge_files([a, b], out, metadata={"merged": "yes"}, chunk_images=3)
     with InrFile(out) as m, InrFile(a) as fa, InrFile(b) as fb:
         m.verify()
-        assert m.num_images == 7 and m.num_chunks == 4
-        assert [m.chunk_range(k) for k in range(4)] == [(0, 3), (3, 4), (4, 6), (6, 7)]
-        assert np.array_equal(m.index["chunk"], [0, 0, 0, 1, 2, 2, 3])
-        for field in ("label", "height", "width", "psnr", "prune_ratio", "nnz", "value_start"):
+        assert m.num_images == 7 and m.num_chunks == 3
+        assert [m.chunk_range(k) for k in range(3)] == [(0, 3), (3, 6), (6, 7)]
+        assert np.array_equal(m.index["chunk"], [0, 0, 0, 1, 1, 1, 2])
+        for field in ("label", "height", "width", "psnr", "prune_ratio", "nnz"):
             assert np.array_equal(m.index[field], np.concatenate([fa.index[field], fb.index[field]]))
         assert_batches_equal(m.read_images(range(7)), wb)
         assert m.metadata == {"shard": "1", "preset": "fast", "merged": "yes"}
-        frames = [fa.read_chunk_frame(k)[0] for k in range(2)] + [fb.read_chunk_frame(k)[0] for k in range(2)]
-        assert [m.read_chunk_frame(k)[0] for k in range(4)] == frames
+        assert m.read_chunk_frame(0)[0] == fa.read_chunk_frame(0)[0]  # a chunk on the grid is copied
+    # The same images written in one go give the same bytes: the split into parts leaves no trace.
+    one = write(str(tmp_path / "one.inr"), ARCH, wb, meta, chunk_images=3,
+                metadata={"shard": "1", "preset": "fast", "merged": "yes"})
+    assert open(one, "rb").read() == open(out, "rb").read()
+
+
+# ------------------------------------------------------------------------------------------------
+# source keys: the optional section of format 1.1
+# ------------------------------------------------------------------------------------------------
+KEYS = ["cls/a.jpg", "cls/sub/é b.png", "", "shard-000.tar/000042.jpg", "data_batch_1#7"]
+
+
+@pytest.fixture
+def keyed(tmp_path):
+    """The `valid` file's images with source keys (so version 1.1)."""
+    wb, meta = batch_inputs(ARCH, 5, prune=0.3)
+    path = str(tmp_path / "keyed.inr")
+    with InrWriter(path, ARCH, classes=["a", "b", "c"], has_masks=True, chunk_images=2) as w:
+        w.add(wb.take(slice(0, 3)), *(np.asarray(meta[k])[:3] for k in ("labels", "heights", "widths", "psnr",
+                                                                          "prune_ratio")), keys=KEYS[:3])
+        w.add(wb.take(slice(3, 5)), *(np.asarray(meta[k])[3:] for k in ("labels", "heights", "widths", "psnr",
+                                                                          "prune_ratio")), keys=KEYS[3:])
+    return path
+
+
+def test_keys_make_a_1_1_file_and_read_back(keyed, valid):
+    with InrFile(keyed) as f:
+        assert f.version == (1, 1) and f.keys == KEYS and f.optional_sections == ["keys"]
+        f.verify()
+    with InrFile(valid) as f:  # without keys the writer still writes 1.0
+        assert f.version == (1, 0) and f.keys is None and f.optional_sections == []
+    _, _, header = read_parts(keyed)
+    body = open(keyed, "rb").read()[section(header, "keys")["offset"]:][:section(header, "keys")["length"]]
+    assert body == keys_section(KEYS)
+    offsets = np.frombuffer(body, KEY_OFFSET_DTYPE, count=6)
+    assert offsets[0] == 0 and body[48 + offsets[1]:48 + offsets[2]].decode() == KEYS[1]
+
+
+def test_keys_for_some_batches_only_are_refused(tmp_path):
+    wb, meta = batch_inputs(ARCH, 2)
+    args = lambda lo, hi: [np.asarray(meta[k])[lo:hi] for k in ("labels", "heights", "widths", "psnr", "prune_ratio")]
+    with pytest.raises(InrUsageError, match="keys"):
+        with InrWriter(str(tmp_path / "k.inr"), ARCH, classes=["a", "b", "c"]) as w:
+            w.add(wb.take(slice(0, 1)), *args(0, 1), keys=["x"])
+            w.add(wb.take(slice(1, 2)), *args(1, 2))
+    with pytest.raises(InrUsageError, match="keys must be 2 strings"):
+        with InrWriter(str(tmp_path / "k.inr"), ARCH, classes=["a", "b", "c"]) as w:
+            w.add(wb, *args(0, 2), keys=["only one"])
+    assert not (tmp_path / "k.inr").exists()
+
+
+def test_merge_carries_keys(keyed, valid, tmp_path):
+    out = str(tmp_path / "m.inr")
+    merge_files([keyed, valid], out, chunk_images=4)
+    with InrFile(out) as m:
+        assert m.version == (1, 1) and m.keys == KEYS + [""] * 5  # a part without keys: empty keys
+    merge_files([valid, valid], out + "2")
+    with InrFile(out + "2") as m:
+        assert m.version == (1, 0) and m.keys is None
+
+
+def _keys_editor(fn):
+    return {"keys": lambda body: fn(body)}
+
+
+def _set_offset(i, value):
+    def edit(body):
+        body[8 * i:8 * i + 8] = int(value).to_bytes(8, "little")
+    return edit
+
+
+def _replace_text(old: bytes, new: bytes):
+    def edit(body):
+        start = body.index(old)
+        body[start:start + len(old)] = new
+    return edit
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    (_set_offset(0, 1), ("section 'keys'", "offsets[0]")),
+    (_set_offset(2, 3), ("section 'keys' offsets[2]", "less than offsets[1]")),
+    (_set_offset(5, 10 ** 6), ("section 'keys'", "offsets[5]", "bytes of text")),
+    (_replace_text("é".encode(), b"\xff\xfe"), ("section 'keys'", "UTF-8")),
+    (_set_offset(2, 9 + 9), ("section 'keys'", "splits a UTF-8 character")),
+])
+def test_bad_keys_section(keyed, edit, fragments):
+    rewrite(keyed, edit_sections={"keys": edit})
+    expect_error(keyed, *fragments)
+
+
+def test_keys_section_checksum(keyed):
+    bad = rewrite(keyed, edit_sections={"keys": lambda b: b.__setitem__(-1, b[-1] ^ 1)}, fix_crc=False)
+    expect_error(bad, "section 'keys'", "checksum mismatch")
+
+
+def test_keys_section_shorter_than_its_table(tmp_path, monkeypatch):
+    import inrfmt.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "keys_section", lambda keys: bytes(8))  # one offset for 3 images
+    wb, meta = batch_inputs(ARCH, 3)
+    path = str(tmp_path / "short.inr")
+    with InrWriter(path, ARCH, classes=["a", "b", "c"]) as w:
+        w.add(wb, *(meta[k] for k in ("labels", "heights", "widths", "psnr", "prune_ratio")), keys=["a", "b", "c"])
+    expect_error(path, "section 'keys'", "shorter than its offset table")
+
+
+def test_a_keys_section_in_a_1_0_file_is_an_unknown_section(keyed):
+    data = bytearray(open(keyed, "rb").read())
+    data[10:12] = (0).to_bytes(2, "little")  # the same bytes labelled 1.0: `keys` is not defined there
+    open(keyed, "wb").write(data)
+    rewrite(keyed, edit_sections={"keys": _set_offset(0, 99)})  # even a broken one
+    with InrFile(keyed) as f:
+        assert f.version == (1, 0) and f.keys is None and f.optional_sections == []
+        f.verify()
 
 
 def test_merge_refuses_incompatible_parts(tmp_path):
@@ -407,7 +521,7 @@ def test_newer_major_is_refused_naming_both_versions(valid):
     data[8:10] = (2).to_bytes(2, "little")
     data[10:12] = (3).to_bytes(2, "little")
     open(valid, "wb").write(data)
-    expect_error(valid, "version", "2.3", "1.0", "newer")
+    expect_error(valid, "version", "2.3", "1.1", "newer")
 
 
 def test_major_zero_is_refused(valid):

@@ -30,22 +30,23 @@ _WORK = tempfile.mkdtemp(prefix="inr-fuzz-")
 atexit.register(shutil.rmtree, _WORK, True)
 
 
-def _valid_bytes(hidden_dtype, prune, float_dtype) -> bytes:
+def _valid_bytes(hidden_dtype, prune, float_dtype, keys=None) -> bytes:
     arch = Architecture(3, 5)
     n = 4
     rng = np.random.default_rng(7)
     wb = make_golden.random_weights(arch, n, hidden_dtype, rng, prune=prune, float_dtype=float_dtype)
     total = arch.hidden_layers * arch.width ** 2
     nnz = wb.mask.reshape(n, -1).sum(axis=1) if wb.mask is not None else np.full(n, total)
-    path = os.path.join(_WORK, f"seed-{hidden_dtype}-{prune}.inr")
+    path = os.path.join(_WORK, f"seed-{hidden_dtype}-{prune}-{keys is not None}.inr")
     with InrWriter(path, arch, hidden_dtype=hidden_dtype, float_dtype=float_dtype, has_masks=prune > 0,
                    classes=["a", "b"], metadata={"k": "v"}, chunk_images=3) as w:
-        w.add(wb, [0, 1, -1, 1], [3, 4, 5, 6], [6, 5, 4, 3], [30.0, 31.0, 32.0, 33.0], 1 - nnz / total)
+        w.add(wb, [0, 1, -1, 1], [3, 4, 5, 6], [6, 5, 4, 3], [30.0, 31.0, 32.0, 33.0], 1 - nnz / total, keys=keys)
     with open(path, "rb") as fh:
         return fh.read()
 
 
-SEEDS = [_valid_bytes("int8", 0.3, "float32"), _valid_bytes("float16", 0.0, "float16")]
+SEEDS = [_valid_bytes("int8", 0.3, "float32"), _valid_bytes("float16", 0.0, "float16"),
+         _valid_bytes("int8", 0.3, "float32", keys=["a/1.png", "", "b/ü.jpg", "x.tar/000001.jpg"])]
 
 
 def _read_everything(data: bytes) -> None:
@@ -59,6 +60,7 @@ def _read_everything(data: bytes) -> None:
                 f.read_chunk(k)
             f.read_images(range(f.num_images))
             f.verify()
+            assert f.keys is None or len(f.keys) == f.num_images
     except InrFormatError as e:
         assert path in str(e)
 
@@ -141,13 +143,13 @@ def test_header_value_damage_with_valid_checksum(seed, data):
 
 @settings(max_examples=100, **SETTINGS)
 @given(seed=st.sampled_from(range(len(SEEDS))),
-       name=st.sampled_from(["index", "chunks", "scales", "classes", "metadata"]),
+       name=st.sampled_from(["index", "chunks", "scales", "classes", "metadata", "keys"]),
        flips=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(1, 255)), min_size=1, max_size=3))
 def test_table_damage_with_valid_checksum(seed, name, flips):
     data = bytearray(SEEDS[seed])
     header = _header(bytes(data))
-    sec = next(s for s in header["sections"] if s["name"] == name)
-    if sec["length"] == 0:
+    sec = next((s for s in header["sections"] if s["name"] == name), None)
+    if sec is None or sec["length"] == 0:
         return
     for pos, xor in flips:
         data[sec["offset"] + pos % sec["length"]] ^= xor

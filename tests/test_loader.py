@@ -167,24 +167,38 @@ def test_output_buffer_is_fresh_unless_reuse_buffer(ds):
 
 
 def test_bad_loader_arguments_are_usage_errors(ds):
-    for kwargs in (dict(batch_size=0), dict(batch_size=2, dtype=torch.int8), dict(batch_size=2, augment=lambda x: x),
+    for kwargs in (dict(batch_size=0), dict(batch_size=2, dtype=torch.int8), dict(batch_size=2, augment=42),
                    dict(batch_size=2, rank=2, world_size=2), dict(batch_size=2, distributed=True),
                    dict(batch_size=2, seed=1.5), dict(batch_size=2, size=0),
-                   dict(batch_size=2, augment=A.RandomCrop(20))):
+                   dict(batch_size=2, augment=A.RandomCrop(20)), dict(batch_size=2, indices=[0, 11]),
+                   dict(batch_size=2, batches_per_decode=0), dict(batch_size=2, shufle=True)):
         with pytest.raises(InrUsageError):
             ds.loader(**kwargs)
     with pytest.raises(InrUsageError):
         ds.loader(2).set_epoch(-1)
 
 
-def test_per_batch_work_reads_nothing_back_to_the_host(ds, monkeypatch):
+@pytest.mark.parametrize("name, value", [("num_workers", 4), ("pin_memory", True), ("persistent_workers", True),
+                                         ("prefetch_factor", 2), ("collate_fn", None), ("sampler", None)])
+def test_dataloader_habits_get_a_one_line_reason(ds, name, value):
+    # DataLoader arguments a torch user passes out of habit: not a bare TypeError, but why they do not apply.
+    with pytest.raises(InrUsageError, match=f"loader: {name}=.* does not apply: ") as err:
+        ds.loader(4, **{name: value})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("batches_per_decode", [1, 2])
+def test_per_batch_work_reads_nothing_back_to_the_host(ds, monkeypatch, batches_per_decode):
     # The loader's own per-batch work (slice the order, gather labels/sizes, draw augmentation, fills,
-    # Normalize) must not read device values. Decoding is stubbed: on CPU the decoder range-checks indices.
+    # pixel ops) must not read device values, with one or several batches per decode call. Decoding is
+    # stubbed: on CPU the decoder range-checks indices.
     monkeypatch.setattr(data_mod, "decode_batch",
                         lambda bank, idx, size, theta=None, out=None, dtype=torch.float32, **kw:
                         torch.zeros((idx.shape[0], 3, *size), dtype=dtype) if out is None else out.zero_())
     loader = ds.loader(4, augment=A.Compose([A.RandomResizedCrop(6), A.RandomHorizontalFlip(),
-                                             A.RandomCrop(6, padding=1), A.Normalize(0.5, 0.2)]))
+                                             A.RandomCrop(6, padding=1), A.ColorJitter(0.4, 0.4, 0.4, 0.1),
+                                             A.Normalize(0.5, 0.2), A.RandomErasing(p=1.0, value="random")]),
+                       batches_per_decode=batches_per_decode, indices=range(1, 11))
     loader.order()  # the per-epoch permutation is drawn before the batches
 
     def host_read(*args, **kwargs):
@@ -194,7 +208,98 @@ def test_per_batch_work_reads_nothing_back_to_the_host(ds, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, host_read)
     shapes = [tuple(x.shape) for x, _ in loader]
     monkeypatch.undo()
-    assert shapes == [(4, 3, 6, 6), (4, 3, 6, 6), (3, 3, 6, 6)]
+    assert shapes == [(4, 3, 6, 6), (4, 3, 6, 6), (2, 3, 6, 6)]
+
+
+# ------------------------------------------------------------------------------- subsets, amortised decodes
+def test_indices_take_a_subset_on_the_device(ds, mixed):
+    train, val = list(range(0, 11, 2)), [1, 3, 5]
+    seen = [i for _, labels in ds.loader(4, indices=train, seed=3) for i in labels.tolist()]
+    assert sorted(seen) == train
+    assert [labels.tolist() for _, labels in ds.loader(2, indices=torch.tensor(val), shuffle=False)] == [[1, 3], [5]]
+    # the subset is what gets sharded: DistributedSampler's rules over its positions
+    shards = [ds.loader(2, indices=train, rank=r, world_size=2, seed=1).order().tolist() for r in range(2)]
+    sampler = [list(torch.utils.data.DistributedSampler(range(6), num_replicas=2, rank=r, seed=1)) for r in range(2)]
+    assert shards == [[train[p] for p in positions] for positions in sampler]
+    # images of one size within a mixed-size file need no size=
+    images, labels = next(iter(mixed.loader(3, indices=[0, 3, 6])))
+    assert images.shape == (3, 3, 8, 12) and sorted(labels.tolist()) == [0, 3, 6]
+    assert ds.loader(4, indices=train).state_dict()["num_images"] == 6
+
+
+PIPELINE = [A.RandomResizedCrop(6), A.RandomHorizontalFlip(), A.RandomCrop(6, padding=1, fill=0.3),
+            A.ColorJitter(0.5, 0.5, 0.5, 0.2), A.Normalize(0.5, 0.25), A.RandomErasing(p=0.7)]
+
+
+def _epochs(loader, epochs=2):
+    out = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        out.append([(x.clone(), y.clone()) for x, y in loader])
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_several_batches_per_decode_give_the_same_batches_and_draws(ds, k):
+    # One decode call for k batches (one augmentation plan for them all) hands out exactly what one call
+    # per batch does: same order, same crops, flips, colour draws and erasing, epoch after epoch.
+    single = _epochs(ds.loader(3, seed=4, augment=PIPELINE, batches_per_decode=1))
+    blocks = ds.loader(3, seed=4, augment=PIPELINE, batches_per_decode=k)
+    assert blocks.batches_per_decode == k
+    grouped = _epochs(blocks)
+    for a, b in zip(single, grouped):
+        assert len(a) == len(b) == 4
+        for (x, y), (gx, gy) in zip(a, b):
+            assert torch.equal(y, gy) and torch.equal(x, gx)
+    assert not torch.equal(single[0][0][0], single[1][0][0])  # draws differ from epoch to epoch
+    # a resume in the middle of a block continues with the same batches
+    state = {**blocks.state_dict(), "epoch": 1, "batch": 1}
+    resumed = ds.loader(3, seed=0, augment=PIPELINE, batches_per_decode=k)
+    resumed.load_state_dict(state)
+    rest = [(x.clone(), y) for x, y in resumed]
+    assert len(rest) == 3
+    for (x, y), (rx, ry) in zip(single[1][1:], rest):
+        assert torch.equal(y, ry) and torch.equal(x, rx)
+
+
+def test_block_outputs_are_fresh_or_one_reused_buffer(ds):
+    fresh = [x for x, _ in ds.loader(4, batches_per_decode=3)]
+    assert len({x.data_ptr() for x in fresh}) == 3 and all(x.shape[0] in (4, 3) for x in fresh)
+    loader = ds.loader(4, reuse_buffer=True, batches_per_decode=2)
+    ptrs = [x.data_ptr() for _ in range(2) for x, _ in loader]
+    assert len(ptrs) == 6 and len(set(ptrs)) == 2  # two slots of one buffer, whatever the epoch
+
+
+def test_a_plain_callable_sees_each_batch_and_runs_after_the_geometry(ds):
+    calls = []
+
+    def mirror(batch):
+        calls.append(batch.shape[0])
+        return batch.flip(-1)
+
+    loader = ds.loader(4, shuffle=False, augment=[A.Resize((8, 12)), mirror], batches_per_decode=3)
+    batches = [(x, y) for x, y in loader]
+    assert calls == [4, 4, 3]  # once per batch, even with three batches in one decode
+    for x, y in batches:
+        torch.testing.assert_close(x, ds.decode(y).flip(-1), atol=1e-6, rtol=0)
+    images, _ = next(iter(ds.loader(4, augment=lambda b: b * 0 + 0.5)))  # a callable alone works too
+    assert torch.all(images == 0.5)
+
+
+def test_pixel_augmentations_are_per_image_and_replayed(ds):
+    plain = dict(seed=7, shuffle=False, batches_per_decode=1)
+    base = next(iter(ds.loader(11, **plain)))[0]
+    jitter = next(iter(ds.loader(11, augment=A.ColorJitter(brightness=(0.2, 0.2)), **plain)))[0]
+    torch.testing.assert_close(jitter, (base * 0.2).clamp(0, 1), atol=1e-6, rtol=0)  # a fixed factor: exact
+    jittered = [next(iter(ds.loader(11, augment=A.ColorJitter(0.8), **plain)))[0] for _ in range(2)]
+    assert torch.equal(jittered[0], jittered[1])  # replayed from the seed
+    ratio = (jittered[0] / base.clamp_min(1e-3)).flatten(1).median(dim=1).values
+    assert ratio.unique().numel() > 5 and ratio.min() >= 0.2 - 1e-3 and ratio.max() <= 1.8 + 1e-3
+    erased = next(iter(ds.loader(11, augment=A.RandomErasing(p=1.0, scale=(0.2, 0.3), value=(0.1, 0.2, 0.3)),
+                                 **plain)))[0]
+    hit = (erased[:, 0] == 0.1) & (erased[:, 1] == 0.2) & (erased[:, 2] == 0.3)
+    assert (hit.flatten(1).float().mean(1) > 0).all()  # every image erased (p=1), each its own rectangle
+    assert len({tuple(m.nonzero()[0].tolist()) for m in hit}) > 3
 
 
 def _rss_bytes() -> int:

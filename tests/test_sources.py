@@ -112,6 +112,42 @@ def test_imagefolder_flat_is_unlabelled(tmp_path):
     np.testing.assert_array_equal(src.load(1).image, arr)
 
 
+def test_imagefolder_reads_nested_folders_tiff_and_gif_and_names_what_it_does_not_read(tmp_path):
+    # The class is the top-level folder, images at any depth below it (torchvision's ImageFolder); TIFF
+    # and GIF (first frame) are read; anything else is counted and named, never dropped silently.
+    rng = np.random.default_rng(1)
+    img = lambda: rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)  # noqa: E731
+    _write(tmp_path / "a" / "1.jpg", img(), "JPEG")
+    _write(tmp_path / "a" / "2.png", img())
+    _write(tmp_path / "a" / "deep" / "er" / "3.webp", img(), "WEBP", lossless=True)
+    _write(tmp_path / "b" / "sub" / "x.jpg", img(), "JPEG")
+    _write(tmp_path / "b" / "4.bmp", img(), "BMP")
+    _write(tmp_path / "c" / "t.tif", img(), "TIFF")
+    _write(tmp_path / "c" / "u.TIFF", img(), "TIFF")
+    first, second = img(), img()
+    frames = [Image.fromarray(first).convert("P"), Image.fromarray(second).convert("P")]
+    frames[0].save(tmp_path / "c" / "anim.gif", save_all=True, append_images=frames[1:])
+    _write(tmp_path / "c" / "deep" / "g.gif", img(), "GIF")
+    _write(tmp_path / "c" / "z.png", img())
+    (tmp_path / "b" / "sub" / "notes.txt").write_text("x")
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "README.md").write_text("x")
+    (tmp_path / "c" / ".cache").mkdir()
+    src = open_source(tmp_path)
+    assert len(src) == 10 and src.classes == ["a", "b", "c"]
+    assert [src.key(i) for i in range(len(src))] == [
+        "a/1.jpg", "a/2.png", "a/deep/er/3.webp", "b/4.bmp", "b/sub/x.jpg", "c/anim.gif", "c/deep/g.gif", "c/t.tif",
+        "c/u.TIFF", "c/z.png"]
+    assert src.labels.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
+    gif = src.load(5).image
+    assert gif.shape == (6, 5, 3)
+    np.testing.assert_array_equal(gif, np.asarray(frames[0].convert("RGB")))  # the first frame
+    assert src.load(7).image.shape == (6, 5, 3)
+    unread = {u["key"]: u["reason"] for u in src.unread}
+    assert set(unread) == {"README.md", "a/.DS_Store", "b/sub/notes.txt", "c/.cache/"} and src.unread_count == 4
+    assert unread["a/.DS_Store"] == "hidden" and ".txt" in unread["b/sub/notes.txt"]
+
+
 def test_imagefolder_usage_errors(tmp_path):
     with pytest.raises(InrUsageError, match="SRC not found: .*nope"):
         open_source(tmp_path / "nope")
@@ -269,7 +305,7 @@ def test_bad_items_raise_source_item_error_naming_the_file(tmp_path):
     assert "directory" in reason("directory")
     assert "10000000000 pixels is over the" in reason("bomb_png")
     assert "corrupt PNG file: broken PNG file (bad header checksum" in reason("bad_crc_png")
-    assert "not a JPEG, PNG, WebP or BMP" in reason("unsupported_format") and "not a JPEG" in reason("random_bytes")
+    assert "not a JPEG, PNG, WebP, BMP, TIFF or GIF" in reason("unsupported_format") and "not a JPEG" in reason("random_bytes")
     assert "truncated" in reason("truncated_jpeg")
 
 
@@ -577,3 +613,130 @@ def test_npy(tmp_path):
 def test_sample_is_a_namedtuple():
     s = open_source(SAMPLE).load(3)
     assert isinstance(s, Sample) and s == (s.key, s.image, s.label)
+
+
+# --------------------------------------------------------------------------------------------------
+# WebDataset shards and Parquet (the sources big datasets ship in)
+
+
+def _encoded(array, fmt="PNG") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]], mode="w") -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, mode) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_webdataset_shards_labels_keys_and_bad_entries(tmp_path):
+    images, _ = sample_images(6)
+    _tar(tmp_path / "train-000.tar", [
+        ("s/000.png", _encoded(images[0])), ("s/000.cls", b"3\n"), ("s/000.txt", b"a caption"),
+        ("s/001.jpg", _encoded(images[1], "JPEG")), ("s/001.json", b'{"label": 1, "w": 8}'),
+        ("s/002.png", b"\x89PNG\r\n\x1a\n broken"), ("s/002.cls", b"2"),
+        ("s/003.cls", b"0"),  # a sample without an image
+    ])
+    _tar(tmp_path / "train-001.tar.gz", [
+        ("004.png", _encoded(images[4])), ("004.seg.png", _encoded(images[3])), ("004.cls", b"cat"),
+        ("005.png", _encoded(images[5])),  # no label: -1
+    ], mode="w:gz")
+    src = open_source([tmp_path / "train-000.tar", tmp_path / "train-001.tar.gz"])
+    assert src.kind == "webdataset" and len(src) == 5
+    assert [src.key(i) for i in range(5)] == ["train-000.tar/s/000.png", "train-000.tar/s/001.jpg",
+                                             "train-000.tar/s/002.png", "train-001.tar.gz/004.png",
+                                             "train-001.tar.gz/005.png"]
+    assert src.labels.tolist() == [3, 1, 2, -1, -1] and src.classes == ["0", "1", "2", "3"]
+    np.testing.assert_array_equal(src.load(0).image, images[0])
+    np.testing.assert_array_equal(src.load(4).image, images[5])  # from the compressed shard
+    assert src.load(1).label == 1 and src.load(4).label == -1
+    with pytest.raises(SourceItemError, match="train-000.tar/s/002.png: cannot decode"):
+        src.load(2)
+    with pytest.raises(SourceItemError, match="train-001.tar.gz/004.png: bad label in 004.cls"):
+        src.load(3)
+    unread = {u["key"]: u["reason"] for u in src.unread}
+    assert set(unread) == {"train-000.tar/s/000.txt", "train-000.tar/s/003.cls", "train-001.tar.gz/004.seg.png"}
+    assert "without an image" in unread["train-000.tar/s/003.cls"]
+    clone = pickle.loads(pickle.dumps(src))  # a worker process reopens the shards itself
+    np.testing.assert_array_equal(clone.load(4).image, src.load(4).image)
+
+
+def test_webdataset_brace_pattern_and_folder(tmp_path):
+    images, _ = sample_images(3)
+    for k in range(3):
+        _tar(tmp_path / f"shard-{k:04d}.tar", [(f"{k:03d}.png", _encoded(images[k])),
+                                               (f"{k:03d}.cls", str(k).encode())])
+    src = open_source(str(tmp_path / "shard-{0000..0002}.tar"))
+    assert [src.key(i) for i in range(3)] == [f"shard-{k:04d}.tar/{k:03d}.png" for k in range(3)]
+    assert src.labels.tolist() == [0, 1, 2]
+    assert len(open_source(tmp_path)) == 3  # a folder of shards
+    assert sources_expand("a{1..3}b{x,y}") == ["a1bx", "a1by", "a2bx", "a2by", "a3bx", "a3by"]
+    assert sources_expand("p-{08..10}") == ["p-08", "p-09", "p-10"]
+    with pytest.raises(InrUsageError, match="SRC not found: .*shard-0003.tar"):
+        open_source(str(tmp_path / "shard-{0002..0003}.tar"))
+
+
+def sources_expand(pattern):
+    from inrfmt.archive_sources import expand_braces
+
+    return expand_braces(pattern)
+
+
+def _parquet(path: Path, images: list, labels: list, names=None, row_group_size=2, image_column="image"):
+    pa = pytest.importorskip("pyarrow")
+    import json
+
+    import pyarrow.parquet as pq
+
+    column = pa.array([None if b is None else {"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images)],
+                      type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    table = pa.table({image_column: column, "label": pa.array(labels, pa.int64())})
+    if names is not None:  # what Hugging Face datasets stores: the features, with ClassLabel names
+        features = {image_column: {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_as_hugging_face_writes_it(tmp_path):
+    images, _ = sample_images(5)
+    data = [_encoded(images[0]), _encoded(images[1], "JPEG"), None, b"not an image", _encoded(images[4])]
+    _parquet(tmp_path / "train-00000-of-00002.parquet", data[:3], [1, 0, 1], names=["cat", "dog"])
+    _parquet(tmp_path / "train-00001-of-00002.parquet", data[3:], [0, 1], names=["cat", "dog"])
+    src = open_source(tmp_path)  # a folder of Parquet files
+    assert src.kind == "parquet" and len(src) == 5 and src.classes == ["cat", "dog"]
+    assert [src.key(i) for i in range(5)] == [f"train-0000{f}-of-00002.parquet#{r}" for f, r in
+                                             [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]]
+    assert src.labels.tolist() == [1, 0, 1, 0, 1]
+    np.testing.assert_array_equal(src.load(0).image, images[0])
+    np.testing.assert_array_equal(src.load(4).image, images[4])
+    with pytest.raises(SourceItemError, match=r"#2: no image bytes .*null"):
+        src.load(2)
+    with pytest.raises(SourceItemError, match=r"00001-of-00002.parquet#0: cannot decode"):
+        src.load(3)
+    clone = pickle.loads(pickle.dumps(src))
+    np.testing.assert_array_equal(clone.load(1).image, src.load(1).image)
+
+
+def test_parquet_columns_and_errors(tmp_path):
+    images, _ = sample_images(2)
+    path = _parquet(tmp_path / "x.parquet", [_encoded(images[0]), _encoded(images[1])], [4, 2], image_column="pixels")
+    with pytest.raises(InrUsageError, match="no image column .*present: pixels, label"):
+        open_source(path)
+    src = open_source(path, h5_images="pixels")
+    assert src.classes == ["0", "1", "2", "3", "4"] and src.labels.tolist() == [4, 2]  # no names stored
+    with pytest.raises(InrUsageError, match="no label column 'nope'"):
+        open_source(path, h5_images="pixels", h5_labels="nope")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InrUsageError, match="bad.parquet as Parquet"):
+        open_source(tmp_path / "bad.parquet")

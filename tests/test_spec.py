@@ -27,7 +27,12 @@ CASES = sorted(name[:-5] for name in os.listdir(SPEC) if name.endswith(".json") 
 def test_every_golden_file_has_its_expectations():
     inr = sorted(name[:-4] for name in os.listdir(SPEC) if name.endswith(".inr"))
     assert inr == CASES
-    assert len(CASES) >= 3
+    assert len(CASES) >= 4
+    # Files of format 1.0 stay as they were written: a newer reader must keep reading them.
+    versions = {case: json.load(open(os.path.join(SPEC, case + ".json")))["version"] for case in CASES}
+    assert sorted(c for c, v in versions.items() if v == [1, 0]) == ["float16_dense", "int8_masks",
+                                                                    "no_hidden_single"]
+    assert versions["keys_1_1"] == [1, 1]
     for name in inr:
         assert os.path.getsize(os.path.join(SPEC, name + ".inr")) < 50_000
 
@@ -49,6 +54,7 @@ def test_golden_file_reads_as_expected(case):
         assert [list(f.chunk_range(k)) for k in range(f.num_chunks)] == want["chunk_ranges"]
         assert f.classes == want["classes"]
         assert f.metadata == want["metadata"]
+        assert f.keys == want.get("keys")  # 1.0 files have no keys section
         assert f.index.dtype == INDEX_DTYPE
         assert len(f.index) == len(want["index"])
         for row, expected in zip(f.index, want["index"]):

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inrfmt import siren  # noqa: E402
-from inrfmt.fit import fit_psnr, per_image_loss, prepare_batch, train_round  # noqa: E402
+from inrfmt.fit import DrawKeys, fit_psnr, per_image_loss, prepare_batch, train_round  # noqa: E402
 from inrfmt.device import model_name  # noqa: E402
 from inrfmt.spec import Architecture  # noqa: E402
 
@@ -75,7 +75,7 @@ def run(config: str, device: torch.device, lr: float, pixel_fraction: float, tf3
     fit = prepare_batch(images, device)
     params = siren.init_params(arch, batch, generator=torch.Generator().manual_seed(0), device=device)
     params = siren.SirenParams(*(t.requires_grad_(True) for t in params))
-    gen = torch.Generator(device=device).manual_seed(1) if pixel_fraction < 1 or jitter > 0 else None
+    keys = DrawKeys.of(1, None, batch, device)  # the pixel samples and jitter of every step
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     result = {"config": config, "arch": f"{arch.sine_layers}x{arch.width}", "size": size, "batch": batch,
@@ -86,11 +86,11 @@ def run(config: str, device: torch.device, lr: float, pixel_fraction: float, tf3
         # Warm-up on a throwaway copy (allocator, kernels, compilation), then the timed fit from init.
         scratch = siren.SirenParams(*(t.detach().clone().requires_grad_(True) for t in params))
         train_round(scratch, fit, arch, steps=warmup, lr=lr, pixel_fraction=pixel_fraction, jitter=jitter,
-                    generator=gen, compiled_loss=loss)
+                    keys=keys, compiled_loss=loss)
         sync(device)
         t0 = time.perf_counter()
         train_round(params, fit, arch, steps=steps, lr=lr, pixel_fraction=pixel_fraction, jitter=jitter,
-                    generator=gen, compiled_loss=loss)
+                    keys=keys, compiled_loss=loss)
         sync(device)
         seconds = time.perf_counter() - t0
         psnr = fit_psnr(params, fit, arch).cpu().numpy()

@@ -13,6 +13,10 @@ CPU) at the native size and at each scale. Measured per image, averaged:
   psnr_bilinear_Sx   Sx decode vs a PIL bilinear upscale
   tv_ratio_Sx        total variation of the Sx decode / that of the bicubic upscale: oscillation between
                      pixel centres shows as a ratio well above 1 (1 = as smooth as bicubic)
+  colour_native,     mean |R - G| + |G - B| of the decode (0-255 units) over the grey source images
+  colour_Sx          (R = G = B): colour a grey image should not have (0 when the fit ties its channels)
+  dark_noise_Sx      fraction of the Sx decode's pixels brighter than 8/255 where the bicubic upscale is
+                     black (< 2/255): noise on black backgrounds
 Output: one JSON object per jitter value (device, date, torch, settings, the measures, encode time).
 """
 from __future__ import annotations
@@ -51,6 +55,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(-10.0 * np.log10(max(mse, 1e-12)))
 
 
+def colour_spread(img: np.ndarray) -> float:
+    """Mean |R - G| + |G - B| of a float image [h, w, 3], in 0-255 units."""
+    return float((np.abs(img[..., 0] - img[..., 1]) + np.abs(img[..., 1] - img[..., 2])).mean() * 255.0)
+
+
 def upscale(image: np.ndarray, scale: int, method) -> np.ndarray:
     h, w = image.shape[:2]
     return np.asarray(Image.fromarray(image).resize((w * scale, h * scale), method), np.float32) / 255.0
@@ -73,12 +82,20 @@ def measure(path: Path, originals: list[np.ndarray], scales: list[int]) -> dict:
     rows: dict[str, list[float]] = {"psnr_native": []}
     for orig, dec in zip(originals, decoded):
         rows["psnr_native"].append(psnr(dec[1], orig.astype(np.float32) / 255.0))
+        grey = bool((orig[..., 0] == orig[..., 1]).all() and (orig[..., 1] == orig[..., 2]).all())
+        if grey:
+            rows.setdefault("colour_native", []).append(colour_spread(dec[1]))
         for s in scales:
             bicubic = upscale(orig, s, Image.Resampling.BICUBIC)
             bilinear = upscale(orig, s, Image.Resampling.BILINEAR)
             rows.setdefault(f"psnr_bicubic_{s}x", []).append(psnr(dec[s], bicubic))
             rows.setdefault(f"psnr_bilinear_{s}x", []).append(psnr(dec[s], bilinear))
             rows.setdefault(f"tv_ratio_{s}x", []).append(total_variation(dec[s]) / max(1e-9, total_variation(bicubic)))
+            black = bicubic < 2 / 255
+            if black.any():
+                rows.setdefault(f"dark_noise_{s}x", []).append(float((dec[s][black] > 8 / 255).mean()))
+            if grey:
+                rows.setdefault(f"colour_{s}x", []).append(colour_spread(dec[s]))
     result = {k: round(float(np.mean(v)), 3) for k, v in rows.items()}
     result["psnr_native_p10"] = round(float(np.percentile(rows["psnr_native"], 10)), 3)
     return result

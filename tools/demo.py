@@ -2,7 +2,9 @@
 
 1. `inrfmt convert data/sample demo_out/sample.inr --preset fast`
 2. `inrfmt info demo_out/sample.inr`
-3. a preview PNG: originals (top) against decoded images at native and 4x size (rows below)
+3. a preview PNG: originals (top) against decoded images at native and 4x size, and a bicubic 4x upscale of
+   the original for comparison (rows below); what to expect is in README.md ("Every preset fits the
+   continuous image")
 4. a small classifier trained for a few steps on batches from `ds.loader` with GPU-style augmentation
 """
 from __future__ import annotations
@@ -42,9 +44,11 @@ def write_preview(ds, path: Path, count: int = 8) -> None:
         dec_native = (native[k].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
         dec_native = np.asarray(Image.fromarray(dec_native).resize((4 * w, 4 * h), Image.NEAREST))
         dec_large = (large[k].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        tiles.append(np.concatenate([original, dec_native, dec_large], axis=0))
+        bicubic = np.asarray(Image.fromarray(source.load(i).image).resize((4 * w, 4 * h), Image.BICUBIC))
+        tiles.append(np.concatenate([original, dec_native, dec_large, bicubic], axis=0))
     Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
-    print(f"preview: {path.relative_to(ROOT)} (rows: original, decoded at native size, decoded at 4x)")
+    print(f"preview: {path.relative_to(ROOT)} (rows: original, decoded at native size, decoded at 4x, bicubic 4x "
+          f"upscale of the original)")
 
 
 def train_briefly(ds, steps: int = 30) -> None:

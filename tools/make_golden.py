@@ -94,6 +94,10 @@ CASES = [
          seed=2),
     dict(name="no_hidden_single", arch=Architecture(1, 4), hidden_dtype="int8", float_dtype="float32", prune=0.0,
          sizes=[(1, 9)], labels=[0], classes=["only"], chunk_images=1, seed=3, has_masks=True),
+    # Format 1.1: the optional `keys` section (an empty key, a non-ASCII one, an archive member).
+    dict(name="keys_1_1", arch=Architecture(2, 4), hidden_dtype="int8", float_dtype="float32", prune=0.2,
+         sizes=[(3, 4), (4, 3), (2, 2)], labels=[0, 1, 0], classes=["a", "b"], chunk_images=2, seed=4,
+         keys=["a/x.jpg", "b/sous-dossier/é.png", ""]),
 ]
 
 
@@ -112,7 +116,7 @@ def write_case(case: dict, out_dir: str) -> dict:
     with InrWriter(path, arch, hidden_dtype=case["hidden_dtype"], float_dtype=case["float_dtype"],
                    has_masks=has_masks, classes=case["classes"], metadata=metadata,
                    chunk_images=case["chunk_images"]) as writer:
-        writer.add(wb, case["labels"], heights, widths, psnr, prune_ratio)
+        writer.add(wb, case["labels"], heights, widths, psnr, prune_ratio, keys=case.get("keys"))
     with InrFile(path) as f:
         index = [{k: (float(row[k]) if isinstance(row[k], np.floating) else int(row[k]))
                   for k in f.index.dtype.names} for row in f.index]
@@ -131,6 +135,8 @@ def write_case(case: dict, out_dir: str) -> dict:
             "pixel_atol": PIXEL_ATOL,
             "pixels": [],
         }
+        if f.keys is not None:
+            expected["keys"] = f.keys
     for i, (h, w) in enumerate(case["sizes"]):
         pos = sample_positions(h, w)
         rgb = reference_pixels(wb, i, arch, pixel_coords(h, w, [p[0] for p in pos], [p[1] for p in pos]))
