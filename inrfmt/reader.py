@@ -19,6 +19,7 @@ import numpy as np
 import zstandard
 
 from .errors import InrFormatError, InrUsageError
+from .prior import Prior
 from .spec import (ALIGNMENT, CHECKED_AT_OPEN, CHUNK_DTYPE, COORDINATES, FLOAT_DTYPES, FORMAT_NAME, HIDDEN_DTYPES,
                    IN_FEATURES, INDEX_DTYPE, KEY_OFFSET_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_HEADER_BYTES,
                    OPTIONAL_SECTIONS, OUT_FEATURES, OUTPUT_LAYER, OUTPUT_MAPPING, PREAMBLE_DTYPE, PREAMBLE_SIZE,
@@ -54,6 +55,7 @@ class InrFile:
     Attributes: path, version (major, minor), arch, hidden_dtype, float_dtype, has_masks, num_images,
     num_chunks, index (read-only INDEX_DTYPE rows), scales (float32 [N, H]), chunks (CHUNK_DTYPE rows),
     classes, metadata, keys (each image's source key, or None when the file has no `keys` section),
+    prior (the `prior.Prior` the images were fitted from, or None),
     optional_sections (names of the validated optional sections present), file_bytes, sections, header.
     """
 
@@ -277,8 +279,18 @@ class InrFile:
                                   if name in self.sections and self.version[1] >= minor]
         self._key_offsets = self._key_text = None
         self._keys = None
+        self.prior = None
         for name in self.optional_sections:
             getattr(self, f"_parse_{name}_section")(self._checked_section_bytes(name))
+
+    def _parse_prior_section(self, data: bytes) -> None:
+        prior = Prior.from_bytes(data, source=f"{self.path}: section 'prior'")
+        if prior.arch != self.arch:
+            self._fail("section 'prior'", f"is for a {prior.arch.sine_layers}x{prior.arch.width} network "
+                                          f"(w0 {prior.arch.w0:g}, first_w0 {prior.arch.first_w0:g}), the file's "
+                                          f"is {self.arch.sine_layers}x{self.arch.width} (w0 {self.arch.w0:g}, "
+                                          f"first_w0 {self.arch.first_w0:g})")
+        self.prior = prior
 
     def _parse_keys_section(self, data: bytes) -> None:
         n, where = self.num_images, "section 'keys'"

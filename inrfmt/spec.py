@@ -38,7 +38,7 @@ CHECKED_AT_OPEN = ("index", "scales", "chunks", "classes", "metadata")
 # Optional sections, each with the minor version that defines it. A reader validates (CRC-32 included) and
 # uses one only in files of that minor version or newer; in older files the name is an unknown section.
 # Writers write the lowest version that defines every section they write (1.0 without any of these).
-OPTIONAL_SECTIONS = {"keys": 1}
+OPTIONAL_SECTIONS = {"keys": 1, "prior": 1}
 
 # Storage dtypes by their names in the header (little-endian in the file).
 DTYPES = {"int8": np.dtype("i1"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4")}

@@ -15,6 +15,7 @@ import zstandard
 
 from .checks import check_int
 from .errors import InrUsageError
+from .prior import Prior
 from .reader import InrFile
 from .spec import (CHUNK_DTYPE, FLOAT_DTYPES, FORMAT_NAME, HIDDEN_DTYPES, INDEX_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES,
                    MAX_HEADER_BYTES, PREAMBLE_DTYPE, PREAMBLE_SIZE, VERSION_MAJOR, DTYPES, Architecture,
@@ -35,7 +36,7 @@ class InrWriter:
 
     def __init__(self, path, arch: Architecture, *, hidden_dtype: str = "int8", float_dtype: str = "float32",
                  has_masks: bool = False, classes: Iterable[str] = (), metadata: dict | None = None,
-                 chunk_images: int = 1024, zstd_level: int = DEFAULT_ZSTD_LEVEL):
+                 chunk_images: int = 1024, zstd_level: int = DEFAULT_ZSTD_LEVEL, prior: Prior | None = None):
         if not isinstance(arch, Architecture):
             raise InrUsageError(f"InrWriter: arch must be an Architecture, got {type(arch).__name__}")
         if hidden_dtype not in HIDDEN_DTYPES:
@@ -47,6 +48,9 @@ class InrWriter:
         if not all(isinstance(c, str) for c in self.classes):
             raise InrUsageError("InrWriter: classes must be strings")
         self.metadata = _check_metadata(metadata, "InrWriter: metadata")
+        if prior is not None and (not isinstance(prior, Prior) or prior.arch != arch):
+            raise InrUsageError(f"InrWriter: prior must be a Prior for the writer's architecture {arch}")
+        self.prior = prior
         self.path = os.fspath(path)
         self.arch = arch
         self.hidden_dtype = hidden_dtype
@@ -288,6 +292,8 @@ class InrWriter:
         ]
         if self._keys is not None:
             tables.append(("keys", keys_section(self._keys)))
+        if self.prior is not None:
+            tables.append(("prior", self.prior.to_bytes()))
         pos = PREAMBLE_SIZE + self._blob_bytes
         for name, data in tables:
             start = align(pos)
@@ -398,6 +404,14 @@ def merge_files(parts, out, *, metadata=None, inherit_metadata: bool = True, chu
                 if getattr(f, attr) != getattr(first, attr):
                     raise InrUsageError(f"merge: {f.path} is incompatible with {first.path}: {attr} "
                                         f"{getattr(f, attr)!r:.200} != {getattr(first, attr)!r:.200}")
+            if f.prior != first.prior:
+                if f.prior is None or first.prior is None:
+                    with_prior = f if first.prior is None else first
+                    raise InrUsageError(f"merge: {with_prior.path} was fitted from a prior and "
+                                        f"{(first if with_prior is f else f).path} without one: parts must share one "
+                                        f"prior")
+                raise InrUsageError(f"merge: {f.path} and {first.path} were fitted from different priors "
+                                    f"({f.prior.name!r} and {first.prior.name!r}): parts must share one prior")
         merged_meta: dict[str, str] = {}
         for f in files if inherit_metadata else ():
             merged_meta.update(f.metadata)
@@ -406,7 +420,7 @@ def merge_files(parts, out, *, metadata=None, inherit_metadata: bool = True, chu
         total = sum(f.num_images for f in files)
         with InrWriter(out, first.arch, hidden_dtype=first.hidden_dtype, float_dtype=first.float_dtype,
                        has_masks=first.has_masks, classes=first.classes, metadata=merged_meta,
-                       chunk_images=chunk_images) as writer:
+                       chunk_images=chunk_images, prior=first.prior) as writer:
             size = writer.chunk_images
             for f in files:
                 keys = (f.keys if f.keys is not None else [""] * f.num_images) if with_keys else None

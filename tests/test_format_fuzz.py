@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inrfmt.errors import InrFormatError
+from inrfmt.prior import Prior
 from inrfmt.reader import InrFile
 from inrfmt.spec import Architecture, PREAMBLE_DTYPE, PREAMBLE_SIZE
 from inrfmt.writer import InrWriter
@@ -30,23 +31,26 @@ _WORK = tempfile.mkdtemp(prefix="inr-fuzz-")
 atexit.register(shutil.rmtree, _WORK, True)
 
 
-def _valid_bytes(hidden_dtype, prune, float_dtype, keys=None) -> bytes:
+def _valid_bytes(hidden_dtype, prune, float_dtype, keys=None, prior=False) -> bytes:
     arch = Architecture(3, 5)
     n = 4
     rng = np.random.default_rng(7)
     wb = make_golden.random_weights(arch, n, hidden_dtype, rng, prune=prune, float_dtype=float_dtype)
     total = arch.hidden_layers * arch.width ** 2
     nnz = wb.mask.reshape(n, -1).sum(axis=1) if wb.mask is not None else np.full(n, total)
-    path = os.path.join(_WORK, f"seed-{hidden_dtype}-{prune}-{keys is not None}.inr")
+    path = os.path.join(_WORK, f"seed-{hidden_dtype}-{prune}-{keys is not None}-{prior}.inr")
+    theta0 = {name: rng.normal(size=shape).astype(np.float32) for name, shape in arch.shapes().items()}
     with InrWriter(path, arch, hidden_dtype=hidden_dtype, float_dtype=float_dtype, has_masks=prune > 0,
-                   classes=["a", "b"], metadata={"k": "v"}, chunk_images=3) as w:
+                   classes=["a", "b"], metadata={"k": "v"}, chunk_images=3,
+                   prior=Prior(arch, theta0, name="seed") if prior else None) as w:
         w.add(wb, [0, 1, -1, 1], [3, 4, 5, 6], [6, 5, 4, 3], [30.0, 31.0, 32.0, 33.0], 1 - nnz / total, keys=keys)
     with open(path, "rb") as fh:
         return fh.read()
 
 
 SEEDS = [_valid_bytes("int8", 0.3, "float32"), _valid_bytes("float16", 0.0, "float16"),
-         _valid_bytes("int8", 0.3, "float32", keys=["a/1.png", "", "b/ü.jpg", "x.tar/000001.jpg"])]
+         _valid_bytes("int8", 0.3, "float32", keys=["a/1.png", "", "b/ü.jpg", "x.tar/000001.jpg"]),
+         _valid_bytes("float16", 0.0, "float32", prior=True)]
 
 
 def _read_everything(data: bytes) -> None:
@@ -61,6 +65,7 @@ def _read_everything(data: bytes) -> None:
             f.read_images(range(f.num_images))
             f.verify()
             assert f.keys is None or len(f.keys) == f.num_images
+            assert f.prior is None or f.prior.arch == f.arch
     except InrFormatError as e:
         assert path in str(e)
 
@@ -143,7 +148,7 @@ def test_header_value_damage_with_valid_checksum(seed, data):
 
 @settings(max_examples=100, **SETTINGS)
 @given(seed=st.sampled_from(range(len(SEEDS))),
-       name=st.sampled_from(["index", "chunks", "scales", "classes", "metadata", "keys"]),
+       name=st.sampled_from(["index", "chunks", "scales", "classes", "metadata", "keys", "prior"]),
        flips=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(1, 255)), min_size=1, max_size=3))
 def test_table_damage_with_valid_checksum(seed, name, flips):
     data = bytearray(SEEDS[seed])
