@@ -5,6 +5,8 @@ The public API is small:
     inrfmt.open(path, device=None, *, bank_layout="auto") -> InrDataset   # the whole file on the device
     inrfmt.convert(src, out, preset=...)           # encode a folder / CIFAR / HDF5 / npy / WebDataset / Parquet source
     inrfmt.merge(out, parts)                       # join the part files of a sharded convert
+    inrfmt.learn_prior(src, preset=...)            # meta-learn a prior (the start of every fit) -> Prior
+    inrfmt.Prior                                   # a prior file: Prior.load(path), prior.save(path)
     inrfmt.InrDataset, inrfmt.InrLoader
     inrfmt.InrFormatError, inrfmt.InrUsageError, inrfmt.InrInterrupted
 
@@ -20,9 +22,11 @@ _LAZY = {
     "InrLoader": ("data", "InrLoader"),
     "convert": ("conversion", "convert"),
     "merge": ("shards", "merge"),
+    "learn_prior": ("metalearn", "learn_prior"),
+    "Prior": ("prior", "Prior"),
 }
 
-__all__ = ["open", "convert", "merge", "InrDataset", "InrLoader", "InrFormatError", "InrUsageError",
+__all__ = ["open", "convert", "merge", "learn_prior", "Prior", "InrDataset", "InrLoader", "InrFormatError", "InrUsageError",
            "InrInterrupted", "__version__"]
 
 

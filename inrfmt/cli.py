@@ -34,6 +34,7 @@ _CONVERT_OPTIONS = {
     "preset": str, "steps": int, "batch_size": int, "device": str, "seed": int, "max_side": int, "shard": str,
     "no_prune": lambda v: not v, "quant": int, "float_dtype": str, "reproducible": bool, "h5_images": str,
     "h5_labels": str, "pixel_fraction": float, "jitter": float, "tf32": bool, "torch_compile": bool,
+    "prior": str,
 }
 
 
@@ -66,6 +67,8 @@ def _saved_convert_options(ctx: click.Context, paths: tuple[str, ...], given: di
             same = _device_type(wanted) == have
         elif key == "shard":
             same = parse_shard(wanted) == parse_shard(have)
+        elif key == "prior" and wanted not in ("auto", "builtin", "learn", "none"):
+            same = os.path.abspath(wanted) == have
         else:
             same = wanted == have
         if not same:
@@ -117,6 +120,10 @@ def _saved_convert_options(ctx: click.Context, paths: tuple[str, ...], given: di
                    "0 fits pixel centres only (default: the preset's, 0.5).")
 @click.option("--tf32/--no-tf32", default=None, help="TF32 matmuls on CUDA (default: the preset's).")
 @click.option("--compile", "torch_compile", is_flag=True, help="torch.compile the training step.")
+@click.option("--prior", default="auto", show_default=True, metavar="auto|builtin|learn|none|PATH",
+              help="Start every fit from a learned prior: the preset's built-in one, one learned first on a sample "
+                   "of SRC (at most 10% of the conversion's fitting work), or a prior file; none starts from a "
+                   "random initialisation. auto: builtin, except none for the rapid-inr-* presets (paper-faithful).")
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.pass_context
 def convert(ctx, paths, overwrite, resume, on_error, quiet, **options):
@@ -159,8 +166,10 @@ def convert(ctx, paths, overwrite, resume, on_error, quiet, **options):
     if summary and summary.get("out") and summary.get("rank") in (None, 0):
         n = summary.get("num_images", 0)
         psnr = f", mean PSNR {summary['psnr_mean']:.2f} dB" if n else ""
+        learned = (f"; learning the prior took {summary['prior_seconds']:.1f} s"
+                   if summary.get("prior_seconds") else "")
         click.echo(f"wrote {summary['out']}: {n} image{'s' if n != 1 else ''}{psnr}, "
-                   f"{summary.get('skipped', 0)} skipped", err=True)
+                   f"{summary.get('skipped', 0)} skipped{learned}", err=True)
 
 
 def _device_type(name: str) -> str:
@@ -234,6 +243,8 @@ def describe(inr, per_image: bool = False) -> dict:
         "prune_ratio": {"mean": stat(np.mean, ratio), "histogram": prune_histogram(ratio)},
         "quantization": {"hidden_dtype": inr.hidden_dtype, "float_dtype": inr.float_dtype,
                          "pruning_masks": bool(inr.has_masks)},
+        "prior": None if inr.prior is None else {"name": inr.prior.name, "bytes": len(inr.prior.to_bytes()),
+                                                  "lr_scale": inr.prior.lr_scale is not None},
         "skipped": skipped,
         "unread": unread,
         "metadata": metadata,
@@ -261,6 +272,8 @@ def _print_info(doc: dict) -> None:
         ("hidden weights", f"{q['hidden_dtype']}" + (", pruned (bitmaps)" if q["pruning_masks"] else "")
          + f"; first/last layers and biases {q['float_dtype']}"),
         ("file size", f"{doc['file_bytes']:,} bytes" + (f", {doc['bytes_per_image']:,.1f} bytes/image" if n else "")),
+        ("fitted from", "a random initialisation" if doc["prior"] is None else
+         f"prior {doc['prior']['name']!r} (stored in the file, {doc['prior']['bytes']:,} bytes)"),
     ]
     if n:
         rows += [("PSNR (dB)", f"mean {p['mean']:.2f}, p10 {p['p10']:.2f}, min {p['min']:.2f}, max {p['max']:.2f}"),
@@ -358,6 +371,43 @@ def verify(file, sample):
             if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
                 raise InrFormatError(f"{file}: decoded sample has values outside [0, 1]")
     click.echo(f"{file}: OK ({n} images, all checksums match, {count} decoded)")
+
+
+# ------------------------------------------------------------------------------------------------- prior
+@cli.command()
+@click.argument("src")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--preset", default="fast", show_default=True, metavar="NAME", help="The network the prior is for.")
+@click.option("--images", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Learn on a random sample of this many images of SRC.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Meta-learning (outer) steps; each fits 16 images for the first round of the preset's prior "
+                   "schedule (default: the preset's, e.g. 100 for fast).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N")
+@click.option("--max-side", type=click.IntRange(min=1), default=None,
+              help="Learn on images downscaled to at most this many pixels on the long side.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress line.")
+def prior(src, out, preset, images, steps, seed, device, max_side, overwrite, quiet):
+    """Learn a prior for PRESET from the images of SRC into OUT (a prior file for `convert --prior OUT`).
+
+    SRC: any source `convert` reads. The prior is the starting point of every image's fit, meta-learned
+    (Reptile) so that the preset's short prior schedule fits images well.
+    """
+    import os
+
+    from .metalearn import learn_prior
+
+    if os.path.exists(out) and not overwrite:
+        raise InrUsageError(f"OUT {out} exists (use --overwrite to replace it)")
+    learned = learn_prior(src, preset, images=images, steps=steps, seed=seed, device=device, max_side=max_side,
+                          progress=not quiet, name=f"{preset} prior learned on {os.path.basename(os.path.abspath(src))}")
+    try:
+        learned.save(out)
+    except OSError as e:
+        raise InrUsageError(f"cannot write {out}: {e.strerror or e}") from None
+    click.echo(f"wrote {out}: prior for {preset} ({len(learned.to_bytes()):,} bytes)", err=True)
 
 
 # ------------------------------------------------------------------------------------------------- merge

@@ -10,14 +10,20 @@ on_error="fail" stops the run with an InrUsageError naming it. Files of SRC that
 in a warning and in the metadata key "unread" (same form). Every image's source key is stored in the file
 (format 1.1 `keys` section). Shards and torchrun: `shards`.
 
+Every image is fitted from a random start or from a learned prior (`prior=`): the preset's built-in one,
+one learned first on a sample of SRC (kept in the work directory, so a resume does not learn it again), or
+a prior file. The prior is stored in OUT (format 1.1 `prior` section).
+
 Metadata (all strings): encoder, preset, steps (round 1), schedule, seed, source, source_kind, device,
-batch_size, max_side, pixel_fraction, jitter, tf32, prune, prune_rule, quant, torch_version, skipped,
-unread (unread_count when more files than it names); and unless `reproducible`: created, device_name,
-img_steps, img_steps_per_s, encode_seconds.
+batch_size, max_side, pixel_fraction, jitter, tf32, prune, prune_rule, quant, prior (unless none),
+torch_version, skipped, unread (unread_count when more files than it names); and unless `reproducible`: created,
+device_name, img_steps, img_steps_per_s, encode_seconds, prior_seconds (learning a prior).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import math
 import os
 import shlex
 import sys
@@ -31,9 +37,11 @@ import torch
 
 from . import device as devices
 from .checks import check_choice, check_fraction, check_int
-from .errors import InrInterrupted, InrUsageError
+from .errors import InrFormatError, InrInterrupted, InrUsageError
 from .fit import cap_size, fit_images, per_image_loss
+from .prior import Prior
 from .presets import PRESETS, Preset, Round, get_preset
+from .progress import ProgressLine, duration
 from .quantize import HIDDEN_DTYPE_OF_BITS
 from .shards import (distributed_rank, file_summary, merge, parse_shard, part_path, reuse_shard_file, shard_items,
                      wait_for_parts)
@@ -43,11 +51,13 @@ from .writer import InrWriter, merge_files
 
 # Fitting images above this many pixels (without --max-side) gets a one-time hint.
 LARGE_FIT_PIXELS = 1024 * 1024
+# `--prior learn` learns on a seeded random sample of at most this many images of SRC, within this share of
+# the conversion's fitting work (image-steps).
+LEARN_SAMPLE_IMAGES = 1024
+LEARN_SHARE = 0.1
+PRIOR_CHOICES = ("auto", "builtin", "learn", "none")
 # Settings that may differ between the machines of one sharded run without changing its output.
 _PER_MACHINE_SETTINGS = ("shard", "source", "device", "tf32", "torch_compile")
-# Progress: a terminal line is redrawn at most this often; without a terminal a line is printed this often.
-PROGRESS_REDRAW_SECONDS = 0.5
-PROGRESS_LOG_SECONDS = 10.0
 
 
 class LoadedItem(NamedTuple):
@@ -88,6 +98,8 @@ class Settings:
     h5_images: str | None = None
     h5_labels: str | None = None
     reproducible: bool = False
+    prior_choice: str = "none"  # "none", "builtin", "learn", or the path of a prior file
+    prior: Prior | None = None  # the prior itself (for "learn": once learned)
 
     @property
     def hidden_dtype(self) -> str:
@@ -128,6 +140,8 @@ class Settings:
             "h5_images": self.h5_images,
             "h5_labels": self.h5_labels,
             "reproducible": self.reproducible,
+            "prior": self.prior_choice,
+            "prior_sha256": None if self.prior is None else hashlib.sha256(self.prior.to_bytes()).hexdigest(),
         }
 
 
@@ -138,6 +152,9 @@ def saved_options(out) -> dict:
     try:
         schedule = record["schedule"]
         preset = record["preset"]
+        if record["prior"] == "given":
+            raise InrUsageError(f"cannot resume from {where}: it was fitted from a Prior object; call inrfmt.convert "
+                                f"with the same prior and resume=True")
         if preset not in PRESETS:
             raise InrUsageError(f"cannot resume from {where}: preset {preset!r} is not a built-in preset; call "
                                 f"inrfmt.convert with the same Preset and resume=True")
@@ -148,7 +165,7 @@ def saved_options(out) -> dict:
             "prune": record["prune"], "quant": record["quant"], "float_dtype": record["float_dtype"],
             "pixel_fraction": record["pixel_fraction"], "jitter": record["jitter"], "tf32": record["tf32"],
             "torch_compile": record["torch_compile"], "h5_images": record["h5_images"],
-            "h5_labels": record["h5_labels"], "reproducible": record["reproducible"],
+            "h5_labels": record["h5_labels"], "reproducible": record["reproducible"], "prior": record["prior"],
         }
     except (KeyError, IndexError, TypeError):
         raise InrUsageError(f"cannot resume from {where}: it was written by another version of inrfmt; rerun "
@@ -159,7 +176,8 @@ def saved_options(out) -> dict:
 def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="auto", seed=0,
             overwrite=False, resume=False, max_side=None, on_error="skip", shard=None,
             prune=True, quant=8, reproducible=False, progress=True, h5_images=None, h5_labels=None,
-            pixel_fraction=None, jitter=None, tf32=None, torch_compile=False, float_dtype="float32") -> dict:
+            pixel_fraction=None, jitter=None, tf32=None, torch_compile=False, float_dtype="float32",
+            prior="auto") -> dict:
     """Encode every image of SRC (see `sources.open_source`) into the .inr file OUT.
 
     preset: a preset name or `presets.Preset`; steps: round-1 steps (later rounds scale by the same
@@ -169,10 +187,14 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
     image's pixels fitted per step; jitter: fraction of the samples moved to a random point of their
     pixel cell (None: the preset's); tf32: TF32 matmuls on CUDA (None: the preset's); torch_compile:
     compile the loss; float_dtype: storage of the first/last layers and biases ("float32" or "float16");
-    reproducible: leave timing and host keys out of the metadata.
+    reproducible: leave timing and host keys out of the metadata. prior: where every fit starts: "none"
+    (a random SIREN initialisation), "builtin" (the preset's shipped prior), "learn" (a prior learned first
+    on a sample of SRC, within LEARN_SHARE of the conversion's fitting work), a prior file's path or a
+    `Prior`; "auto" is the preset's choice (`Preset.prior`). From a prior the preset's prior schedule runs.
 
     Returns a summary dict: out, num_images, skipped, skipped_items, psnr_mean, prune_ratio_mean,
-    img_steps_per_s, fit_seconds, seconds, batches, batches_encoded, batches_reused, shard, rank."""
+    img_steps_per_s, fit_seconds, seconds, batches, batches_encoded, batches_reused, shard, rank, prior,
+    prior_seconds (learning the prior; 0 otherwise)."""
     t_start = time.perf_counter()
     preset_obj = get_preset(preset) if isinstance(preset, str) else preset
     if not isinstance(preset_obj, Preset):
@@ -189,6 +211,7 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         pixel_fraction = check_fraction("pixel_fraction", pixel_fraction, zero_ok=False)
     if jitter is not None:
         jitter = check_fraction("jitter", jitter, what="the fraction of fitting samples jittered")
+    prior_choice, prior_obj = resolve_prior(prior, preset_obj)
     shard_kn = parse_shard(shard)
     dist_info = None if shard_kn is not None else distributed_rank()
     dev = devices.resolve(device, local_rank=dist_info[2] if dist_info else None)
@@ -211,13 +234,16 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         target = Path(part_path(out_path, rank, world))
         check_out(target, overwrite or resume, "part file")
     settings = Settings(
-        preset=preset_obj, schedule=preset_obj.schedule(steps, prune=prune),
+        preset=preset_obj, schedule=preset_obj.schedule(steps, prune=prune, prior=prior_choice != "none"),
         batch_size=batch_size or preset_obj.batch_size(dev.type), seed=seed, device=dev, max_side=max_side,
         pixel_fraction=float(pixel_fraction or preset_obj.pixel_fraction(dev.type)),
         jitter=float(preset_obj.jitter if jitter is None else jitter),
         tf32=(preset_obj.tf32 if tf32 is None else bool(tf32)) and dev.type == "cuda",
         quant=int(quant), prune=bool(prune), float_dtype=float_dtype, torch_compile=bool(torch_compile),
-        shard=shard_kn, h5_images=h5_images, h5_labels=h5_labels, reproducible=bool(reproducible))
+        shard=shard_kn, h5_images=h5_images, h5_labels=h5_labels, reproducible=bool(reproducible),
+        prior_choice=prior_choice, prior=prior_obj)
+    if prior_choice == "learn":
+        _check_learnable(settings, len(source))
     record = settings.record(src, source)
     run_hash = settings_hash({k: v for k, v in record.items() if k not in _PER_MACHINE_SETTINGS})
     metadata = _base_metadata(settings, record, src, reproducible)
@@ -230,10 +256,14 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         summary = reuse_shard_file(target, run_hash, shard_kn)
     if summary is None:
         work = WorkDir.open(target, record, overwrite=overwrite, resume=resume)
+        prior_seconds = 0.0
+        if prior_choice == "learn":
+            settings, prior_seconds = _learned_prior(settings, source, work, progress)
         resume_command = (f"inrfmt convert --resume {shlex.quote(os.fspath(out))}" if dist_info is None
                           else "the same torchrun command with --resume")
         summary = _Encoder(settings, source, target, work, record, metadata, on_error=on_error, resume=resume,
-                           reproducible=reproducible, progress=progress, resume_command=resume_command).run()
+                           reproducible=reproducible, progress=progress, resume_command=resume_command,
+                           prior_seconds=prior_seconds).run()
     summary["rank"] = rank
     if dist_info is not None and rank == 0:
         world = dist_info[1]
@@ -248,11 +278,86 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
     return summary
 
 
+def resolve_prior(prior, preset: Preset) -> tuple[str, Prior | None]:
+    """(choice, Prior or None) for convert's `prior` argument: choice is "none", "builtin", "learn" or the
+    prior file's absolute path (what the settings record keeps)."""
+    if isinstance(prior, Prior):
+        choice, value = "given", prior
+    elif isinstance(prior, (str, os.PathLike)):
+        name = os.fspath(prior)
+        if name == "auto":
+            name = preset.prior
+        if name in ("none", "learn"):
+            return name, None
+        if name == "builtin":
+            choice, value = "builtin", Prior.builtin(preset.name)
+        else:
+            if not os.path.isfile(name):
+                raise InrUsageError(f"prior must be one of {', '.join(PRIOR_CHOICES)} or a prior file, got {name!r} "
+                                    f"(no such file)")
+            choice, value = os.path.abspath(name), Prior.load(name)
+    else:
+        raise InrUsageError(f"prior must be one of {', '.join(PRIOR_CHOICES)}, a prior file or a Prior, got {prior!r}")
+    if value.arch != preset.arch:
+        a, b = value.arch, preset.arch
+        raise InrUsageError(f"prior {choice}: it is for a {a.sine_layers}x{a.width} network (w0 {a.w0:g}), preset "
+                            f"{preset.name} uses {b.sine_layers}x{b.width} (w0 {b.w0:g})")
+    return choice, value
+
+
+def _learn_steps(settings: Settings, num_images: int) -> tuple[int, int]:
+    """(outer steps of `--prior learn` within LEARN_SHARE of fitting num_images, the fewest images that
+    afford one outer step)."""
+    from .metalearn import META_BATCH, MIN_IMAGES, learn_budget_steps
+
+    per_image = sum(r.steps for r in settings.schedule)
+    inner = settings.schedule[0].steps  # each outer step runs the first round of this very schedule
+    fewest = max(MIN_IMAGES, math.ceil(META_BATCH * inner / (LEARN_SHARE * per_image)))
+    return learn_budget_steps(settings.preset, num_images, per_image, inner, LEARN_SHARE), fewest
+
+
+def _check_learnable(settings: Settings, num_images: int) -> None:
+    steps, fewest = _learn_steps(settings, num_images)
+    if steps == 0:
+        raise InrUsageError(f"--prior learn: SRC has {num_images} images; learning a prior within "
+                            f"{LEARN_SHARE:.0%} of the conversion needs at least {fewest} for preset "
+                            f"{settings.preset.name} (use --prior builtin or none)")
+
+
+def _learned_prior(settings: Settings, source, work: WorkDir, progress: bool) -> tuple[Settings, float]:
+    """Settings with the prior of `--prior learn`: the one saved in the work directory (a resumed run), or
+    one learned now on a seeded sample of SRC and saved there. Returns it with the seconds spent."""
+    from dataclasses import replace
+
+    from .metalearn import META_BATCH, learn_prior
+
+    saved = work.prior_file
+    if saved.exists():
+        try:
+            return replace(settings, prior=Prior.load(saved)), 0.0
+        except InrFormatError:  # cut off or damaged: learn it again
+            saved.unlink()
+    t0 = time.perf_counter()
+    n = len(source)
+    images = sample_images(source, LEARN_SAMPLE_IMAGES, settings.seed, settings.max_side)
+    steps, fewest = _learn_steps(settings, n)
+    if len(images) < fewest:
+        raise InrUsageError(f"--prior learn: only {len(images)} readable images in the sample of SRC; a prior "
+                            f"needs at least {fewest}")
+    prior = learn_prior(images, settings.preset, meta_batch=META_BATCH, steps=steps, inner=settings.schedule[0],
+                        seed=settings.seed, device=settings.device, progress=progress,
+                        name=f"learned on {len(images)} images of SRC")
+    prior.save(saved)
+    return replace(settings, prior=prior), time.perf_counter() - t0
+
+
 class _Encoder:
     """One process's share of a convert: its batches, fitted into the work directory, then merged."""
 
     def __init__(self, settings: Settings, source, target: Path, work: WorkDir, record: dict, metadata: dict, *,
-                 on_error: str, resume: bool, reproducible: bool, progress: bool, resume_command: str):
+                 on_error: str, resume: bool, reproducible: bool, progress: bool, resume_command: str,
+                 prior_seconds: float = 0.0):
+        self.prior_seconds = prior_seconds
         self.settings, self.source, self.target, self.work = settings, source, target, work
         self.record, self.metadata = record, metadata
         self.on_error, self.resume, self.reproducible, self.show_progress = on_error, resume, reproducible, progress
@@ -342,7 +447,7 @@ class _Encoder:
                                 image_ids=[g.index for g in good], device=s.device, pixel_fraction=s.pixel_fraction,
                                 jitter=s.jitter, originals=[g.original for g in good],
                                 on_step=progress.step, compiled_loss=compiled_loss,
-                                float_dtype=s.float_dtype)
+                                float_dtype=s.float_dtype, prior=s.prior)
         info = {
             "batch": b, "start": start, "stop": stop, "settings_hash": self.part_hash,
             "num_images": len(good),
@@ -367,7 +472,7 @@ class _Encoder:
     def _writer(self, path, metadata: dict) -> InrWriter:
         s = self.settings
         return InrWriter(path, s.preset.arch, hidden_dtype=s.hidden_dtype, float_dtype=s.float_dtype,
-                         has_masks=s.has_masks, classes=self.source.classes, metadata=metadata)
+                         has_masks=s.has_masks, classes=self.source.classes, metadata=metadata, prior=s.prior)
 
     def _finish(self, infos: dict, encoded: int, unread: list, unread_count: int) -> dict:
         """Merge the parts into the target file; the summary of the run."""
@@ -393,6 +498,8 @@ class _Encoder:
             meta["img_steps_per_s"] = f"{rate:.1f}"
             meta["encode_seconds"] = f"{total_seconds:.3f}"
             meta["img_steps"] = str(total_img_steps)
+            if self.prior_seconds:
+                meta["prior_seconds"] = f"{self.prior_seconds:.3f}"
         if len(self.batches):
             merge_files([self.work.part_file(b) for b in self.batches], self.target, metadata=meta)
         else:  # an empty shard (more shards than batches) still gets its part file
@@ -402,21 +509,18 @@ class _Encoder:
         summary = file_summary(self.target)
         summary.update(out=str(self.target), batches=len(self.batches), batches_encoded=encoded,
                        batches_reused=len(self.batches) - encoded, img_steps_per_s=rate, fit_seconds=total_seconds,
-                       shard=None if s.shard is None else f"{s.shard[0]}/{s.shard[1]}")
+                       shard=None if s.shard is None else f"{s.shard[0]}/{s.shard[1]}",
+                       prior=s.prior_choice, prior_seconds=self.prior_seconds)
         return summary
 
 
 class _Progress:
-    """Progress of a convert on stderr: images done of the total, and steps of the batch being fitted.
-
-    On a terminal one line is redrawn in place (at most every PROGRESS_REDRAW_SECONDS); otherwise (a log
-    file, a pipe) a plain line is printed every PROGRESS_LOG_SECONDS, so logs get no carriage returns."""
+    """Progress of a convert on stderr (a `progress.ProgressLine`): images done of the total, and steps
+    of the batch being fitted."""
 
     def __init__(self, encoder: _Encoder, reused: dict):
         s = encoder.settings
-        self.stream = sys.stderr
-        self.enabled = encoder.show_progress
-        self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.out = ProgressLine(encoder.show_progress)
         self.name = f"convert {s.preset.name}" + (f" shard {s.shard[0]}/{s.shard[1]}" if s.shard else "")
         self.steps_per_image = sum(r.steps for r in s.schedule)
         self.total_images = len(encoder.items)
@@ -430,8 +534,6 @@ class _Progress:
         self.batch_steps = 0
         self.batch_number = 0
         self.batch_start = time.perf_counter()
-        self.last_shown = float("-inf")
-        self.shown = False
         self.warned_large = False
 
     # -- events ---------------------------------------------------------------------------------------
@@ -452,16 +554,11 @@ class _Progress:
         self.psnr_count += info["num_images"]
         self.done_images += stop - start
         self.batch_images = self.batch_steps = 0
-        self._show(force=self.terminal)
+        self._show(force=self.out.terminal)
 
     def write(self, line: str) -> None:
         """A message line (warnings), kept apart from the progress line."""
-        if self.terminal and self.shown:
-            self.stream.write("\r\033[K")
-        self.stream.write(line + "\n")
-        self.stream.flush()
-        if self.terminal and self.shown:
-            self._show(force=True)
+        self.out.write(line)
 
     def warn_large(self, good: list[LoadedItem]) -> None:
         big = [g for g in good if g.fit_image.shape[0] * g.fit_image.shape[1] > LARGE_FIT_PIXELS]
@@ -472,10 +569,7 @@ class _Progress:
             self.warned_large = True
 
     def close(self) -> None:
-        if self.enabled and self.terminal and self.shown:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.shown = False
+        self.out.close()
 
     # -- the line -------------------------------------------------------------------------------------
     def rate(self) -> float | None:
@@ -491,48 +585,37 @@ class _Progress:
                          f"step {self.batch_steps}/{self.steps_per_image}")
         rate = self.rate()
         if rate:
-            parts.append(f"{rate:,.0f} {_rate_unit()}")
+            parts.append(f"{rate:,.0f} {rate_unit()}")
         if self.psnr_count:
             parts.append(f"PSNR {self.psnr_sum / self.psnr_count:.2f} dB")
         if rate:
             left = (self.total_images - self.done_images) * self.steps_per_image - self.batch_images * self.batch_steps
-            parts.append(f"ETA {_duration(max(0.0, left) / rate)}")
+            parts.append(f"ETA {duration(max(0.0, left) / rate)}")
         return ", ".join(parts)
 
     def _show(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        interval = PROGRESS_REDRAW_SECONDS if self.terminal else PROGRESS_LOG_SECONDS
-        if not force and now - self.last_shown < interval:
-            return
-        self.last_shown = now
-        text = self.line()
-        if self.terminal:
-            import shutil
-
-            width = shutil.get_terminal_size((100, 20)).columns - 1
-            self.stream.write("\r\033[K" + text[:width])
-            self.shown = True
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        if force or self.out.due():
+            self.out.show(self.line(), force=True)
 
 
-def _duration(seconds: float) -> str:
-    """h:mm:ss (or m:ss under an hour)."""
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def _rate_unit() -> str:
+def rate_unit() -> str:
     try:  # "img·steps/s" where stderr can show it (a C-locale terminal may not)
         "·".encode(getattr(sys.stderr, "encoding", None) or "ascii")
         return "img·steps/s"
     except (UnicodeEncodeError, LookupError):
         return "img-steps/s"
+
+
+def sample_images(source, count: int, seed: int, max_side: int | None) -> list[np.ndarray]:
+    """The readable images among a seeded random sample of `count` items of `source` (all of them when it
+    has fewer), in source order, capped to max_side."""
+    n = len(source)
+    pick = np.sort(np.random.default_rng([seed, n]).choice(n, size=min(n, count), replace=False))
+    images = []
+    for i in pick:
+        good, _ = _load_batch(source, int(i), int(i) + 1, max_side)
+        images += [g.fit_image for g in good]
+    return images
 
 
 def _load_batch(source, start: int, stop: int, max_side: int | None) -> tuple[list[LoadedItem], list[BadItem]]:
@@ -574,6 +657,8 @@ def _base_metadata(settings: Settings, record: dict, src, reproducible: bool) ->
         "quant": str(settings.quant),
         "torch_version": torch.__version__,
     }
+    if settings.prior_choice != "none":  # absent otherwise: --prior none writes the bytes it always wrote
+        meta["prior"] = settings.prior_choice if settings.prior_choice != "given" else f"given ({settings.prior.name})"
     if settings.torch_compile:
         meta["torch_compile"] = "yes"
     if record["prune_rule"] and settings.prune:

@@ -18,6 +18,9 @@ counter-based hash (`inrfmt.rng`) of (seed, the image's index in the source, ste
 weights depend neither on the other images of its batch nor on how the run was split into batches,
 shards or resumed pieces: on one device and torch build, the same image gives the same bytes.
 Grey images (R = G = B everywhere) are fitted with the three output channels tied, so they decode grey.
+
+With a learned `prior.Prior`, every image starts from the prior's values instead of a random draw, and
+each parameter's step is multiplied by the prior's `lr_scale` where it has one.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch
 
 from . import rng, siren
 from .presets import Round
+from .prior import Prior
 from .quantize import dequantize_hidden, dynamic_ratio, mask_ratio, prune_masks, quantize_hidden, stored_float
 from .spec import IN_FEATURES, Architecture, WeightBatch
 
@@ -127,6 +131,21 @@ def initial_params(arch: Architecture, keys: torch.Tensor) -> siren.SirenParams:
     return siren.SirenParams(**tensors)
 
 
+def prior_params(prior: Prior, n: int, device) -> siren.SirenParams:
+    """n copies of the prior's initial values (float32, on `device`)."""
+    return siren.SirenParams(*(torch.from_numpy(np.array(prior.theta0[name])).to(device)
+                               .unsqueeze(0).repeat(n, *([1] * prior.theta0[name].ndim))
+                               for name in siren.SirenParams._fields))
+
+
+def prior_lr_scale(prior: Prior | None, device) -> siren.SirenParams | None:
+    """The prior's per-parameter learning-rate multipliers, shaped to broadcast over the image axis."""
+    if prior is None or prior.lr_scale is None:
+        return None
+    return siren.SirenParams(*(torch.from_numpy(np.array(prior.lr_scale[name])).to(device).unsqueeze(0)
+                               for name in siren.SirenParams._fields))
+
+
 def grey_images(images: list[np.ndarray]) -> np.ndarray:
     """bool [N]: images whose three channels are equal everywhere."""
     return np.array([bool(np.array_equal(im[..., 0], im[..., 1]) and np.array_equal(im[..., 1], im[..., 2]))
@@ -201,12 +220,14 @@ def _group_params(params: siren.SirenParams, batch: FitBatch, group: SizeGroup) 
 
 def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, *, steps: int, lr: float,
                 keep: torch.Tensor | None = None, pixel_fraction: float = 1.0, jitter: float = 0.0,
-                keys: DrawKeys | None = None, first_step: int = 0, on_step=None, compiled_loss=None) -> None:
+                keys: DrawKeys | None = None, first_step: int = 0, on_step=None, compiled_loss=None,
+                lr_scale: siren.SirenParams | None = None) -> None:
     """Adam with cosine decay (lr -> 0 over `steps`) on the sum of per-image MSEs, in place.
     `keep` [N,H,W,W] holds pruned hidden weights at exactly zero (grads and weights masked).
     `jitter` (0..1): fraction of the samples fitted at a random point of their pixel cell against the
     bilinearly interpolated image (see draw_samples). `keys` (default: seed 0, ids 0..N-1) and
-    `first_step` (the steps of earlier rounds) decide the pixel samples and jitter of every step."""
+    `first_step` (the steps of earlier rounds) decide the pixel samples and jitter of every step.
+    `lr_scale` (see prior_lr_scale) multiplies each parameter's Adam step."""
     if not 0.0 <= jitter <= 1.0:
         raise ValueError(f"jitter must be in [0, 1] (a fraction of the samples), got {jitter!r}")
     device = params.first_w.device
@@ -237,7 +258,12 @@ def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, 
         loss.backward()
         if keep_f is not None:
             params.hidden_w.grad.mul_(keep_f)
+        before = None if lr_scale is None else [p.detach().clone() for p in params]
         opt.step()
+        if before is not None:  # scale the step Adam just took: p = p_old + scale * (p_new - p_old)
+            with torch.no_grad():
+                for p, old, scale in zip(params, before, lr_scale):
+                    p.sub_(old).mul_(scale).add_(old)
         if keep_f is not None:
             with torch.no_grad():
                 params.hidden_w.mul_(keep_f)
@@ -312,19 +338,23 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
                prune_rule=None, hidden_dtype: str = "int8", seed: int = 0, image_ids: Sequence[int] | None = None,
                device="cpu", pixel_fraction: float = 1.0, jitter: float = 0.0,
                originals: list[np.ndarray] | None = None, on_step=None, compiled_loss=None,
-               float_dtype: str = "float32") -> FitResult:
+               float_dtype: str = "float32", prior: Prior | None = None) -> FitResult:
     """Fit one batch through every round, prune, quantize; return what the writer needs.
 
     images: uint8 [h, w, 3] at fitting resolution; image_ids: each image's index in the source (default
     0..N-1): with `seed` it decides every random draw of its fit. originals: the source pixels the index
     PSNR is measured against (default: images). on_step(steps_done_in_batch) is called after every step.
     hidden_dtype / float_dtype: storage of the hidden weights / of the first and last layers and biases;
-    the recorded PSNR is that of the stored model."""
+    the recorded PSNR is that of the stored model. prior: start every image from these values (and
+    scale its steps by the prior's lr_scale) instead of a random SIREN initialisation."""
     device = torch.device(device)
     n = len(images)
     keys = DrawKeys.of(seed, image_ids, n, device)
     grey = grey_images(images)
-    params = initial_params(arch, keys.init())
+    if prior is not None and prior.arch != arch:
+        raise ValueError(f"the prior is for {prior.arch}, the fit for {arch}")
+    params = initial_params(arch, keys.init()) if prior is None else prior_params(prior, n, device)
+    lr_scale = prior_lr_scale(prior, device)
     tie_grey_outputs(params, grey)
     params = siren.SirenParams(*(t.requires_grad_(True) for t in params))
     batch = prepare_batch(images, device)
@@ -347,7 +377,8 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
                 on_step(base + k)
 
         train_round(params, batch, arch, steps=r.steps, lr=r.lr, keep=keep, pixel_fraction=pixel_fraction,
-                    jitter=jitter, keys=keys, first_step=done, on_step=stepped, compiled_loss=compiled_loss)
+                    jitter=jitter, keys=keys, first_step=done, on_step=stepped, compiled_loss=compiled_loss,
+                    lr_scale=lr_scale)
         done += r.steps
     with torch.no_grad():
         tie_grey_outputs(params, grey)  # exactly grey, whatever the rounding of the steps

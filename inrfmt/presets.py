@@ -7,6 +7,9 @@ presets follow the Rapid-INR paper: 5000 steps at lr 5e-4, then 10000 steps at l
 Adam with cosine decay; the CIFAR-10 preset skips the fixed 20% round.
 
 `steps` (convert --steps) is the number of round-1 steps; later rounds scale by the same factor.
+`prior_rounds` is the schedule used when the fit starts from a learned prior (much shorter: the prior
+already fits images coarsely), and `prior` is what `convert --prior auto` uses: "builtin" (the prior
+shipped for the preset) or "none" (random initialisation, paper-faithful).
 """
 from __future__ import annotations
 
@@ -66,22 +69,31 @@ class Preset:
     jitter: float = 0.5
     # TF32 matmuls on CUDA (a large speed-up at 224², none at 32²).
     tf32: bool = False
+    # Schedule from a learned prior (None: the same rounds as from a random start).
+    prior_rounds: tuple[Round, ...] | None = None
+    # What `--prior auto` means for this preset: "builtin" or "none".
+    prior: str = "builtin"
+    # Outer (Reptile) steps of learning a prior for this preset (inrfmt prior --steps).
+    prior_steps: int = 100
 
     def __post_init__(self):
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError(f"Preset {self.name}: jitter {self.jitter} must be in [0, 1]")
+        if self.prior not in ("builtin", "none"):
+            raise ValueError(f"Preset {self.name}: prior {self.prior!r} must be 'builtin' or 'none'")
 
-    @property
-    def round1_steps(self) -> int:
-        return self.rounds[0].steps
+    def base_rounds(self, prior: bool = False) -> tuple[Round, ...]:
+        """The preset's rounds from a random start, or from a learned prior."""
+        return self.prior_rounds if prior and self.prior_rounds is not None else self.rounds
 
-    def schedule(self, steps: int | None = None, prune: bool = True) -> tuple[Round, ...]:
-        """The rounds to run: `steps` replaces round 1's count and scales the later rounds by the same
-        factor; prune=False keeps only round 1."""
-        rounds = self.rounds if prune else self.rounds[:1]
+    def schedule(self, steps: int | None = None, prune: bool = True, prior: bool = False) -> tuple[Round, ...]:
+        """The rounds to run (from a prior start with prior=True): `steps` replaces round 1's count and
+        scales the later rounds by the same factor; prune=False keeps only round 1."""
+        rounds = self.base_rounds(prior)
+        rounds = rounds if prune else rounds[:1]
         if steps is None:
             return rounds
-        factor = steps / self.round1_steps
+        factor = steps / rounds[0].steps
         return tuple(replace(r, steps=max(1, int(math.floor(r.steps * factor + 0.5)))) for r in rounds)
 
     def batch_size(self, device_type: str) -> int:
@@ -98,8 +110,12 @@ _PAPER_FIT = Round(steps=5000, lr=5e-4)
 _PAPER_FIXED = Round(steps=10000, lr=2e-4, prune="fixed", ratio=0.2)
 _PAPER_DYNAMIC = Round(steps=10000, lr=2e-4, prune="dynamic")
 # What the two 10-layer paper presets share: two pruning rounds, 25% of the pixels per step, TF32 on CUDA.
+# From a prior: 1/20 of the paper's steps, at a doubled learning rate (measured: BENCHMARKS.md, "Learned priors").
+_PRIOR_LARGE = (Round(steps=750, lr=1e-3), Round(steps=250, lr=4e-4, prune="fixed", ratio=0.2),
+                Round(steps=250, lr=4e-4, prune="dynamic"))
 _PAPER_LARGE = dict(rounds=(_PAPER_FIT, _PAPER_FIXED, _PAPER_DYNAMIC), prune_rule=LARGE_RULE, batch_size_cpu=4,
-                    pixel_fraction_cpu=0.25, pixel_fraction_cuda=0.25, tf32=True)
+                    pixel_fraction_cpu=0.25, pixel_fraction_cuda=0.25, tf32=True, prior_rounds=_PRIOR_LARGE,
+                    prior="none", prior_steps=40)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -111,6 +127,8 @@ PRESETS: dict[str, Preset] = {
             prune_rule=CIFAR10_RULE,
             description="paper CIFAR-10 net 3x15; 5000 + 10000 steps; dynamic pruning 0..25%",
             batch_size_cpu=256, batch_size_cuda=8192,
+            prior_rounds=(Round(steps=600, lr=3e-3), Round(steps=150, lr=1.2e-3, prune="dynamic")), prior="none",
+            prior_steps=60,
         ),
         Preset(
             name="rapid-inr-flowers102",
@@ -129,6 +147,7 @@ PRESETS: dict[str, Preset] = {
             name="fast",
             arch=Architecture(sine_layers=3, width=16),
             rounds=(Round(steps=150, lr=5e-3), Round(steps=100, lr=1e-3, prune="dynamic")),
+            prior_rounds=(Round(steps=150, lr=5e-3), Round(steps=100, lr=1e-3, prune="dynamic")), prior_steps=30,
             prune_rule=CIFAR10_RULE,
             description="demo/test net 3x16; 150 + 100 steps at a high lr (~30 dB on 28x28 Fashion-MNIST); "
                         "CIFAR-10 pruning rule",

@@ -179,6 +179,17 @@ class Prior:
             raise
 
     @classmethod
+    def builtin(cls, preset: str) -> "Prior":
+        """The prior shipped with inrfmt for the preset named `preset` (inrfmt/priors/<preset>.prior)."""
+        from importlib import resources
+
+        resource = resources.files(__package__).joinpath("priors", f"{preset}.prior")
+        if not resource.is_file():
+            raise InrUsageError(f"there is no built-in prior for preset {preset!r}; use --prior none, learn or a "
+                                f"prior file")
+        return cls.from_bytes(resource.read_bytes(), source=f"built-in prior {preset}")
+
+    @classmethod
     def load(cls, path) -> "Prior":
         """Read and validate a prior file."""
         path = os.fspath(path)

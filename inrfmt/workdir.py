@@ -125,6 +125,11 @@ class WorkDir:
     def part_file(self, b: int) -> Path:
         return self.path / f"{PART_PREFIX}{b:07d}.inr"
 
+    @property
+    def prior_file(self) -> Path:
+        """Where `--prior learn` keeps the prior it learned, so a resume does not learn it again."""
+        return self.path / "learned.prior"
+
     def info_file(self, b: int) -> Path:
         return self.path / f"{PART_PREFIX}{b:07d}.json"
 

@@ -17,9 +17,9 @@ SAMPLE = ROOT / "data" / "sample"
 
 # name -> convert options; every case runs on the CPU, single-threaded, with --reproducible.
 CASES = {
-    "fast_int8_masks": dict(preset="fast", steps=20, batch_size=5, seed=3),
+    "fast_int8_masks": dict(preset="fast", steps=20, batch_size=5, seed=3, prior="none"),
     "fast_f16_noprune_mixed": dict(preset="fast", steps=15, batch_size=4, seed=1, prune=False, quant=16,
-                                   float_dtype="float16", max_side=12),
+                                   float_dtype="float16", max_side=12, prior="none"),
 }
 
 

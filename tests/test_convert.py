@@ -351,13 +351,13 @@ class _Stream(io.StringIO):
 
 @pytest.mark.parametrize("terminal", [False, True])
 def test_progress_counts_images_and_the_steps_of_the_current_batch(tmp_path, monkeypatch, terminal):
-    import inrfmt.conversion as conversion
+    import inrfmt.progress as progress_module
 
     src = tiny_folder(tmp_path / "src", 5, size=(6, 6))
     stream = _Stream(terminal)
     monkeypatch.setattr(sys, "stderr", stream)
-    monkeypatch.setattr(conversion, "PROGRESS_LOG_SECONDS", 0.0)
-    monkeypatch.setattr(conversion, "PROGRESS_REDRAW_SECONDS", 0.0)
+    monkeypatch.setattr(progress_module, "LOG_SECONDS", 0.0)
+    monkeypatch.setattr(progress_module, "REDRAW_SECONDS", 0.0)
     convert(src, tmp_path / "p.inr", steps=4, batch_size=3, progress=True, device="cpu", prune=False)
     text = stream.getvalue()
     lines = [line for line in text.replace("\r\x1b[K", "\n").splitlines() if line.strip()]

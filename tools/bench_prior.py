@@ -1,0 +1,166 @@
+"""PSNR against fitting steps from a random start (`none`), the built-in prior (`builtin`) and a prior
+learned on the images themselves (`learn`), on real photo crops the built-in priors were not trained on.
+`none-prior-schedule` starts at random but runs the prior schedule: it separates what the prior itself
+brings from what its (faster) schedule brings.
+
+    python tools/bench_prior.py --preset rapid-inr-cifar10 --budgets 250,750,1500,3000 --reference
+    python tools/bench_prior.py --preset rapid-inr-flowers102 --size 128 --n 8 --budgets 625,1250 --device cuda
+
+Each point fits the crops with the preset's schedule (from a prior: its prior schedule) scaled to `budget`
+steps per image in all, through pruning and int8 quantization, and records the mean PSNR of the stored
+models and the seconds. `--reference` also runs the preset's full schedule from a random start; the
+headline is the fewest steps at which `builtin` reaches that PSNR (linear in log-steps between budgets).
+Crops: tools/bench_encode.py's photo_crops of data/photos (or --photos GLOB). Writes JSON (--json) and a
+plot (--plot).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from inrfmt.fit import fit_images  # noqa: E402
+from inrfmt.metalearn import learn_prior  # noqa: E402
+from inrfmt.presets import get_preset  # noqa: E402
+from inrfmt.prior import Prior  # noqa: E402
+
+
+def crops_of(pattern: str, n: int, size: int, seed: int) -> list[np.ndarray]:
+    """n random square crops (side 1/4..1 of the short side) of the images matching `pattern`."""
+    photos = [Image.open(p).convert("RGB") for p in sorted(glob.glob(pattern))]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        w, h = im.size
+        side = int(rng.integers(min(w, h) // 4, min(w, h) + 1))
+        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        out.append(np.asarray(im.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.LANCZOS)))
+    return out
+
+
+def scaled(preset, budget: int, prior: bool):
+    """The preset's schedule (prior or not) scaled to `budget` steps per image in all."""
+    rounds = preset.base_rounds(prior)
+    total = sum(r.steps for r in rounds)
+    return preset.schedule(max(1, round(rounds[0].steps * budget / total)), prior=prior)
+
+
+def fit_point(crops, preset, schedule, prior, device) -> dict:
+    t0 = time.perf_counter()
+    result = fit_images(crops, preset.arch, schedule, prune_rule=preset.prune_rule, seed=0, device=device,
+                        pixel_fraction=preset.pixel_fraction(device.type), jitter=preset.jitter, prior=prior)
+    return dict(steps=sum(r.steps for r in schedule), psnr=float(np.mean(result.psnr.astype(np.float64))),
+                p10=float(np.percentile(result.psnr, 10)), seconds=round(time.perf_counter() - t0, 2))
+
+
+def steps_to_reach(points: list[dict], target: float) -> float | None:
+    """Fewest steps at which the curve reaches `target` dB (linear in log-steps between points)."""
+    points = sorted(points, key=lambda p: p["steps"])
+    for a, b in zip([None] + points, points):
+        if b["psnr"] >= target:
+            if a is None:
+                return float(b["steps"])
+            f = (target - a["psnr"]) / (b["psnr"] - a["psnr"])
+            return float(math.exp(math.log(a["steps"]) + f * (math.log(b["steps"]) - math.log(a["steps"]))))
+    return None
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="rapid-inr-cifar10")
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--n", type=int, default=32, help="crops")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the crops")
+    ap.add_argument("--photos", default=str(ROOT / "data" / "photos" / "*" / "*.jpg"))
+    ap.add_argument("--budgets", default="250,750,1500,3000", help="steps per image in all, comma-separated")
+    ap.add_argument("--modes", default="none,builtin,learn")
+    ap.add_argument("--prior", help="a prior file used as `builtin` (default: the preset's built-in prior)")
+    ap.add_argument("--learn-steps", type=int, default=None, help="outer steps of `learn` (default: the preset's)")
+    ap.add_argument("--reference", action="store_true", help="also fit the full schedule from a random start")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    preset = get_preset(args.preset)
+    crops = crops_of(args.photos, args.n, args.size, args.seed)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    doc = dict(preset=preset.name, arch=f"{preset.arch.sine_layers}x{preset.arch.width}", size=args.size,
+               n=args.n, crop_seed=args.seed, photos=args.photos, device=args.device,
+               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               threads=torch.get_num_threads(),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               load_start=os.getloadavg(), curves={})
+    priors = {}
+    for mode in args.modes.split(","):
+        if mode == "builtin":
+            priors[mode] = Prior.load(args.prior) if args.prior else Prior.builtin(preset.name)
+        elif mode == "learn":
+            t0 = time.perf_counter()
+            priors[mode] = learn_prior(crops, preset, steps=args.learn_steps, seed=0, device=device, progress=False)
+            priors[mode].save(args.json.with_suffix(".learned.prior")) if args.json else None
+            doc["learn_seconds"] = round(time.perf_counter() - t0, 1)
+        elif mode in ("none", "none-prior-schedule"):
+            priors[mode] = None
+        else:
+            ap.error(f"unknown mode {mode!r}")
+        curve = []
+        for budget in budgets:
+            prior_schedule = mode != "none"
+            point = fit_point(crops, preset, scaled(preset, budget, prior_schedule), priors[mode], device)
+            print(f"{mode:8s} {point}", flush=True)
+            curve.append(point)
+        doc["curves"][mode] = curve
+    if args.reference:
+        doc["reference"] = fit_point(crops, preset, preset.schedule(), None, device)
+        print(f"reference {doc['reference']}", flush=True)
+        for mode, curve in doc["curves"].items():
+            reach = steps_to_reach(curve, doc["reference"]["psnr"])
+            doc.setdefault("steps_to_reference", {})[mode] = reach
+            doc.setdefault("speedup", {})[mode] = None if reach is None else doc["reference"]["steps"] / reach
+    doc["load_end"] = os.getloadavg()
+    text = json.dumps(doc, indent=1)
+    print(text if not args.json else f"wrote {args.json}")
+    if args.json:
+        args.json.write_text(text + "\n")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode, curve in doc["curves"].items():
+            ax.plot([p["steps"] for p in curve], [p["psnr"] for p in curve], "o-", label=mode)
+        if "reference" in doc:
+            ax.axhline(doc["reference"]["psnr"], color="grey", ls="--",
+                       label=f"none, full schedule ({doc['reference']['steps']} steps)")
+        ax.set_xscale("log")
+        ax.set_xlabel("fitting steps per image")
+        ax.set_ylabel("mean PSNR (dB), int8 stored model")
+        ax.set_title(f"{preset.name} ({doc['arch']}) at {args.size}², {args.n} photo crops, {doc['device_name']}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

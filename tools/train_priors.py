@@ -1,0 +1,166 @@
+"""Train the built-in priors (inrfmt/priors/<preset>.prior) on random crops of real photographs.
+
+    python tools/train_priors.py --fetch photos/            # download the photos of tools/prior_photos.json
+    python tools/train_priors.py --photos photos/ [--preset fast ...] [--steps S] [--crops N] [--out DIR]
+
+tools/prior_photos.json lists every photo: its file name, where it comes from (a Debian package and
+version, or a PyPI package) and the path inside it, its licence and its SHA-256, which is checked before
+training. `--fetch DIR` downloads the Debian packages with `apt-get download` and copies the sample images
+of the installed scikit-image / matplotlib packages. Never add `mate-backgrounds` or `lomiri-wallpapers*`
+photos: they are kept for independent evaluation.
+
+Crops are square, with a side drawn uniformly between CROP_SCALES of the photo's short side (small photos:
+SMALL_PHOTO_SCALES), at a random place, Lanczos-resized to the preset's crop size; near-flat crops (pixel
+std < MIN_STD) are drawn again. The 10-layer presets are trained on 64² crops on a CPU (their fits are
+costly), on 128² with --size 128. Writes a JSON log (--log) with the per-step inner PSNR and the time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from inrfmt.metalearn import learn_prior  # noqa: E402
+from inrfmt.presets import PRESETS  # noqa: E402
+
+MANIFEST = ROOT / "tools" / "prior_photos.json"
+CROP_SCALES = (1 / 16, 1 / 2)
+SMALL_PHOTO_SCALES = (1 / 4, 1.0)  # photos with a short side under SMALL_PHOTO_SIDE
+SMALL_PHOTO_SIDE = 1024
+MIN_STD = 4.0
+REDRAWS = 20
+FORBIDDEN = ("mate-backgrounds", "lomiri-wallpapers")
+CROP_SIZE = {"fast": 32, "rapid-inr-cifar10": 32, "rapid-inr-flowers102": 64, "rapid-inr-mini-imagenet": 64}
+Image.MAX_IMAGE_PIXELS = None
+
+
+def manifest() -> list[dict]:
+    entries = json.loads(MANIFEST.read_text())
+    for e in entries:
+        if any(f in e["source"] for f in FORBIDDEN):
+            raise SystemExit(f"{MANIFEST}: {e['file']} comes from {e['source']}, kept for evaluation only")
+    return entries
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fetch(directory: Path) -> None:
+    """Download every photo of the manifest into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = manifest()
+    with tempfile.TemporaryDirectory() as tmp:
+        for source in sorted({e["source"] for e in entries if e["source"].startswith("debian:")}):
+            package = source.split(":", 1)[1].split("=")[0]
+            subprocess.run(["apt-get", "download", package], cwd=tmp, check=True)
+            deb = next(Path(tmp).glob(f"{package}_*.deb"))
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / package)], check=True)
+        for e in entries:
+            kind, spec = e["source"].split(":", 1)
+            if kind == "debian":
+                origin = Path(tmp) / spec.split("=")[0] / e["path"]
+            else:
+                module = e["path"].split("/")[0]
+                base = Path(__import__(module).__file__).parent
+                origin = base / Path(*e["path"].split("/")[1:])
+                if module == "matplotlib":  # mpl-data/sample_data/...
+                    import matplotlib
+                    origin = Path(matplotlib.get_data_path()).parent / Path(*e["path"].split("/")[1:])
+            if not origin.exists():
+                print(f"missing: {e['file']} ({e['source']} {e['path']})", file=sys.stderr)
+                continue
+            shutil.copyfile(origin, directory / e["file"])
+    print(f"fetched into {directory}; check with --photos {directory}")
+
+
+def load_photos(directory: Path) -> list[Image.Image]:
+    photos = []
+    for e in manifest():
+        path = directory / e["file"]
+        if not path.exists():
+            raise SystemExit(f"{path}: missing (run --fetch {directory})")
+        if sha256(path) != e["sha256"]:
+            raise SystemExit(f"{path}: SHA-256 differs from {MANIFEST.name}")
+        im = Image.open(path)
+        if im.mode in ("RGBA", "LA", "P"):  # transparent areas on black
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+        photos.append(im.convert("RGB"))
+    return photos
+
+
+def random_crops(photos: list[Image.Image], count: int, size: int, seed: int) -> list[np.ndarray]:
+    """`count` uint8 [size, size, 3] crops at several scales (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    crops = []
+    while len(crops) < count:
+        im = photos[int(rng.integers(len(photos)))]
+        w, h = im.size
+        short = min(w, h)
+        lo, hi = SMALL_PHOTO_SCALES if short < SMALL_PHOTO_SIDE else CROP_SCALES
+        for _ in range(REDRAWS):
+            side = min(short, int(rng.integers(max(size // 2, int(short * lo)), max(size // 2, int(short * hi)) + 1)))
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            crop = np.asarray(im.crop((x, y, x + side, y + side)).resize(
+                (size, size), Image.Resampling.LANCZOS, reducing_gap=3.0))
+            if crop.std() >= MIN_STD:
+                crops.append(crop)
+                break
+    return crops
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fetch", type=Path, help="download the photos into this folder and stop")
+    ap.add_argument("--photos", type=Path, help="folder holding the photos of tools/prior_photos.json")
+    ap.add_argument("--preset", action="append", choices=sorted(PRESETS), help="presets to train (default: all)")
+    ap.add_argument("--steps", type=int, help="outer steps (default: the preset's prior_steps)")
+    ap.add_argument("--crops", type=int, default=4096, help="crops drawn per preset")
+    ap.add_argument("--size", type=int, help="crop size (default: 32 for the 3-layer presets, 64 for the others)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=ROOT / "inrfmt" / "priors")
+    ap.add_argument("--log", type=Path, help="JSON log of the run")
+    args = ap.parse_args(argv)
+    if args.fetch:
+        return fetch(args.fetch)
+    if not args.photos:
+        ap.error("--photos DIR (or --fetch DIR first)")
+    photos = load_photos(args.photos)
+    log = []
+    for preset in args.preset or list(PRESETS):
+        size = args.size or CROP_SIZE[preset]
+        crops = random_crops(photos, args.crops, size, args.seed)
+        history = []
+        t0 = time.perf_counter()
+        prior = learn_prior(crops, preset, steps=args.steps, seed=args.seed, device=args.device,
+                            on_step=lambda k, psnr: history.append(round(psnr, 3)))
+        seconds = time.perf_counter() - t0
+        args.out.mkdir(parents=True, exist_ok=True)
+        prior.save(args.out / f"{preset}.prior")
+        log.append(dict(preset=preset, crop_size=size, crops=len(crops), steps=len(history), seconds=round(seconds, 1),
+                        inner_psnr=history, photos=len(photos), seed=args.seed, device=args.device,
+                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        load=os.getloadavg()))
+        print(f"{preset}: {args.out / (preset + '.prior')} ({len(history)} steps, {seconds:.0f} s, inner PSNR "
+              f"{history[0]:.2f} -> {history[-1]:.2f} dB)")
+    if args.log:
+        args.log.write_text(json.dumps(log, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
