@@ -401,8 +401,9 @@ def prior(src, out, preset, images, steps, seed, device, max_side, overwrite, qu
 
     if os.path.exists(out) and not overwrite:
         raise InrUsageError(f"OUT {out} exists (use --overwrite to replace it)")
+    source_name = os.path.basename(os.path.abspath(src))
     learned = learn_prior(src, preset, images=images, steps=steps, seed=seed, device=device, max_side=max_side,
-                          progress=not quiet, name=f"{preset} prior learned on {os.path.basename(os.path.abspath(src))}")
+                          progress=not quiet, name=f"{preset} prior learned on {source_name}")
     try:
         learned.save(out)
     except OSError as e:

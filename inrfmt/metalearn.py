@@ -8,7 +8,8 @@ Reptile (Nichol et al. 2018), first-order: starting from a random SIREN initiali
 step draws `meta_batch` images, fits each from θ₀ with the batched fitter for the first round of the
 preset's prior schedule (the very fit the prior will start: same Adam, learning rate, cosine decay, pixel
 fraction and jitter), and moves θ₀ toward the mean of the fitted networks by a step size that decays
-linearly from `outer_lr` to a fifth of it. Memory is that of one fit of `meta_batch` images, whatever the
+linearly from `outer_lr` to a fifth of it (OUTER_LR_END).
+Memory is that of one fit of `meta_batch` images, whatever the
 number of images or steps. Every draw (θ₀'s initialisation, the images of each step, their pixel samples)
 derives from `seed`, so one device and torch build give the same prior for the same inputs.
 
@@ -42,13 +43,14 @@ MIN_IMAGES = 16
 
 
 def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps: int | None = None,
-                meta_batch: int = META_BATCH, outer_lr: float = 0.5, seed: int = 0, device="auto",
+                meta_batch: int = META_BATCH, outer_lr: float | None = None, seed: int = 0, device="auto",
                 max_side: int | None = None, progress: bool = True, name: str | None = None, on_step=None,
                 freeze: tuple[str, ...] = (), inner: Round | None = None) -> Prior:
     """Meta-learn a prior for `preset`'s network. src: any source `convert` reads (a seeded random sample
     of `images` of its items is used, capped to max_side) or a sequence of uint8 RGB arrays [h, w, 3] (any
-    sizes); at least MIN_IMAGES. steps: outer (Reptile) steps, default the preset's `prior_steps`. Each outer
-    step fits `meta_batch` images for the preset's first prior round (`Preset.base_rounds(prior=True)[0]`).
+    sizes); at least MIN_IMAGES. steps: outer (Reptile) steps, default the preset's `prior_steps`; outer_lr:
+    the first outer step size, default the preset's `prior_outer_lr`. Each outer step fits `meta_batch`
+    images for the preset's first prior round (`Preset.base_rounds(prior=True)[0]`).
     progress: a line on stderr with the inner-loop PSNR (the mean PSNR of the images after their fit).
     on_step(outer_step, psnr) is called after every outer step. freeze: parameters (SirenParams field
     names) that keep their random initial values. inner: the fit of each outer step (default: the first
@@ -59,7 +61,8 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
     steps = check_int("steps", preset_obj.prior_steps if steps is None else steps, 1)
     meta_batch = check_int("meta_batch", meta_batch, 1)
     seed = check_int("seed", seed)
-    outer_lr = check_fraction("outer_lr", outer_lr, zero_ok=False)
+    outer_lr = check_fraction("outer_lr", preset_obj.prior_outer_lr if outer_lr is None else outer_lr,
+                              zero_ok=False)
     if isinstance(src, (str, os.PathLike)) or (isinstance(src, (list, tuple)) and src
                                                and isinstance(src[0], (str, os.PathLike))):
         from .conversion import sample_images

@@ -73,8 +73,10 @@ class Preset:
     prior_rounds: tuple[Round, ...] | None = None
     # What `--prior auto` means for this preset: "builtin" or "none".
     prior: str = "builtin"
-    # Outer (Reptile) steps of learning a prior for this preset (inrfmt prior --steps).
+    # Outer (Reptile) steps of learning a prior for this preset (inrfmt prior --steps), and the first
+    # outer step size (it decays linearly to a fifth).
     prior_steps: int = 100
+    prior_outer_lr: float = 0.5
 
     def __post_init__(self):
         if not 0.0 <= self.jitter <= 1.0:
@@ -128,7 +130,7 @@ PRESETS: dict[str, Preset] = {
             description="paper CIFAR-10 net 3x15; 5000 + 10000 steps; dynamic pruning 0..25%",
             batch_size_cpu=256, batch_size_cuda=8192,
             prior_rounds=(Round(steps=600, lr=3e-3), Round(steps=150, lr=1.2e-3, prune="dynamic")), prior="none",
-            prior_steps=60,
+            prior_steps=120, prior_outer_lr=0.25,
         ),
         Preset(
             name="rapid-inr-flowers102",

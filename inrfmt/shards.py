@@ -171,12 +171,10 @@ def merge(out, parts, overwrite: bool = False, reproducible: bool = False) -> No
         hashes = {m.get("settings_hash") for _, _, _, m in keyed}
         if len(hashes) != 1:
             a, b = keyed[0], next(x for x in keyed if x[3].get("settings_hash") != keyed[0][3].get("settings_hash"))
-            NONE = "none"  # a missing key: no prior
-            differ = sorted(k for k in ("preset", "steps", "seed", "prior", "quant", "prune")
-                            if a[3].get(k) != b[3].get(k))
+            differ = [k for k in ("preset", "steps", "seed", "prior", "quant", "prune") if a[3].get(k) != b[3].get(k)]
+            shown = ", ".join(f"{k}: {a[3].get(k, 'none')} vs {b[3].get(k, 'none')}" for k in differ)  # none: no prior
             raise InrUsageError(f"merge: {a[2]} and {b[2]} were encoded with different settings"
-                                + (f" ({', '.join(f'{k}: {a[3].get(k, NONE)} vs {b[3].get(k, NONE)}' for k in differ)}); "
-                                   f"parts must share one prior and one schedule" if differ else ""))
+                                + (f" ({shown}); parts must share one prior and one schedule" if differ else ""))
         keyed.sort(key=lambda x: x[0])
         ks = [k for k, _, _, _ in keyed]
         if ks != list(range(n)):
