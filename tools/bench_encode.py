@@ -39,9 +39,13 @@ CPU_CONFIGS = ["3x15@32:64:300", "3x16@28:64:300", "10x28@64:4:100:5e-4"]
 GPU_CONFIGS = ["3x15@32:8192:1000:2e-3", "10x28@224:32:800:5e-4"]
 
 
-def photo_crops(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
-    """n random square crops of the bundled photographs, resized to size x size."""
-    photos = [Image.open(p).convert("RGB") for p in sorted((ROOT / "data" / "photos").glob("*/*.jpg"))]
+def photo_crops(n: int, size: int, seed: int = 0, pattern: str | None = None) -> list[np.ndarray]:
+    """n random square crops (side 1/4 to 1 of the short side) of the bundled photographs (or of the files
+    matching the glob `pattern`), resized to size x size."""
+    import glob
+
+    paths = sorted(glob.glob(pattern)) if pattern else sorted((ROOT / "data" / "photos").glob("*/*.jpg"))
+    photos = [Image.open(p).convert("RGB") for p in paths]
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):

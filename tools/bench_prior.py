@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import json
 import math
 import os
@@ -27,29 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
+from bench_encode import photo_crops  # noqa: E402
 from inrfmt.fit import fit_images  # noqa: E402
 from inrfmt.metalearn import learn_prior  # noqa: E402
 from inrfmt.presets import get_preset  # noqa: E402
 from inrfmt.prior import Prior  # noqa: E402
-
-
-def crops_of(pattern: str, n: int, size: int, seed: int) -> list[np.ndarray]:
-    """n random square crops (side 1/4..1 of the short side) of the images matching `pattern`."""
-    photos = [Image.open(p).convert("RGB") for p in sorted(glob.glob(pattern))]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        im = photos[i % len(photos)]
-        w, h = im.size
-        side = int(rng.integers(min(w, h) // 4, min(w, h) + 1))
-        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-        out.append(np.asarray(im.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.LANCZOS)))
-    return out
 
 
 def scaled(preset, budget: int, prior: bool):
@@ -100,7 +86,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     preset = get_preset(args.preset)
-    crops = crops_of(args.photos, args.n, args.size, args.seed)
+    crops = photo_crops(args.n, args.size, args.seed, pattern=args.photos)
     budgets = [int(b) for b in args.budgets.split(",")]
     doc = dict(preset=preset.name, arch=f"{preset.arch.sine_layers}x{preset.arch.width}", size=args.size,
                n=args.n, crop_seed=args.seed, photos=args.photos, device=args.device,
