@@ -382,7 +382,8 @@ def verify(file, sample):
               help="Learn on a random sample of this many images of SRC.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Meta-learning (outer) steps; each fits 16 images for the first round of the preset's prior "
-                   "schedule (default: the preset's, e.g. 100 for fast).")
+                   "schedule (default: the preset's: 30 for fast, 120 for rapid-inr-cifar10, 40 for the 10-layer "
+                   "presets).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N")
 @click.option("--max-side", type=click.IntRange(min=1), default=None,

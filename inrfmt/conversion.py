@@ -342,6 +342,8 @@ def _learned_prior(settings: Settings, source, work: WorkDir, progress: bool) ->
     images = sample_images(source, LEARN_SAMPLE_IMAGES, settings.seed, settings.max_side)
     steps, fewest = _learn_steps(settings, n)
     if len(images) < fewest:
+        if not work.holds_work():  # a fresh run leaves nothing behind
+            work.remove()
         raise InrUsageError(f"--prior learn: only {len(images)} readable images in the sample of SRC; a prior "
                             f"needs at least {fewest}")
     prior = learn_prior(images, settings.preset, meta_batch=META_BATCH, steps=steps, inner=settings.schedule[0],

@@ -8,9 +8,8 @@ Reptile (Nichol et al. 2018), first-order: starting from a random SIREN initiali
 step draws `meta_batch` images, fits each from θ₀ with the batched fitter for the first round of the
 preset's prior schedule (the very fit the prior will start: same Adam, learning rate, cosine decay, pixel
 fraction and jitter), and moves θ₀ toward the mean of the fitted networks by a step size that decays
-linearly from `outer_lr` to a fifth of it (OUTER_LR_END).
-Memory is that of one fit of `meta_batch` images, whatever the
-number of images or steps. Every draw (θ₀'s initialisation, the images of each step, their pixel samples)
+linearly from `outer_lr` to a fifth of it (OUTER_LR_END). Memory is that of one fit of `meta_batch`
+images, whatever the number of images or steps. Every draw (θ₀'s initialisation, the images of each step, their pixel samples)
 derives from `seed`, so one device and torch build give the same prior for the same inputs.
 
 The learned prior holds initial values only (no learned step sizes: `Prior.lr_scale` stays None).
@@ -20,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+
 import numpy as np
 import torch
 
@@ -61,6 +61,10 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
     steps = check_int("steps", preset_obj.prior_steps if steps is None else steps, 1)
     meta_batch = check_int("meta_batch", meta_batch, 1)
     seed = check_int("seed", seed)
+    unknown = set(freeze) - set(siren.SirenParams._fields)
+    if unknown:
+        raise InrUsageError(f"learn_prior: freeze names unknown parameters {sorted(unknown)} (choose from "
+                            f"{', '.join(siren.SirenParams._fields)})")
     outer_lr = check_fraction("outer_lr", preset_obj.prior_outer_lr if outer_lr is None else outer_lr,
                               zero_ok=False)
     if isinstance(src, (str, os.PathLike)) or (isinstance(src, (list, tuple)) and src

@@ -71,8 +71,8 @@ class Preset:
     tf32: bool = False
     # Schedule from a learned prior (None: the same rounds as from a random start).
     prior_rounds: tuple[Round, ...] | None = None
-    # What `--prior auto` means for this preset: "builtin" or "none".
-    prior: str = "builtin"
+    # What `--prior auto` means for this preset: "builtin" (the prior shipped for it) or "none".
+    prior: str = "none"
     # Outer (Reptile) steps of learning a prior for this preset (inrfmt prior --steps), and the first
     # outer step size (it decays linearly to a fifth).
     prior_steps: int = 100
@@ -150,6 +150,7 @@ PRESETS: dict[str, Preset] = {
             arch=Architecture(sine_layers=3, width=16),
             rounds=(Round(steps=150, lr=5e-3), Round(steps=100, lr=1e-3, prune="dynamic")),
             prior_rounds=(Round(steps=150, lr=5e-3), Round(steps=100, lr=1e-3, prune="dynamic")), prior_steps=30,
+            prior="builtin",
             prune_rule=CIFAR10_RULE,
             description="demo/test net 3x16; 150 + 100 steps at a high lr (~30 dB on 28x28 Fashion-MNIST); "
                         "CIFAR-10 pruning rule",

@@ -130,6 +130,10 @@ class WorkDir:
         """Where `--prior learn` keeps the prior it learned, so a resume does not learn it again."""
         return self.path / "learned.prior"
 
+    def holds_work(self) -> bool:
+        """Whether anything but the settings record is saved here."""
+        return any(p.name != SETTINGS_NAME for p in self.path.iterdir())
+
     def info_file(self, b: int) -> Path:
         return self.path / f"{PART_PREFIX}{b:07d}.json"
 
