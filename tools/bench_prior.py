@@ -101,7 +101,8 @@ def main(argv=None) -> None:
         elif mode == "learn":
             t0 = time.perf_counter()
             priors[mode] = learn_prior(crops, preset, steps=args.learn_steps, seed=0, device=device, progress=False)
-            priors[mode].save(args.json.with_suffix(".learned.prior")) if args.json else None
+            if args.json:
+                priors[mode].save(args.json.with_suffix(".learned.prior"))
             doc["learn_seconds"] = round(time.perf_counter() - t0, 1)
         elif mode in ("none", "none-prior-schedule"):
             priors[mode] = None
