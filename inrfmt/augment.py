@@ -41,6 +41,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from . import rng
+from .checks import check_fraction
 from .decode_args import resized_size
 from .errors import InrUsageError
 
@@ -534,6 +535,12 @@ class Lambda(Transform):
         return lambda images, rows: self.lambd(images)
 
 
+def _is_pair(value) -> bool:
+    """A (min, max) pair of real numbers."""
+    return isinstance(value, Sequence) and len(value) == 2 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
+
+
 def _factor_range(value, name: str, center: float, bound: tuple[float, float] | None, clip_first: bool):
     """torchvision ColorJitter._check_input: a number v -> [center - v, center + v] (clipped at 0 for the
     multiplicative factors), or (min, max). None when the range is just `center` (the op is left out)."""
@@ -543,7 +550,7 @@ def _factor_range(value, name: str, center: float, bound: tuple[float, float] | 
         low, high = center - float(value), center + float(value)
         if clip_first:
             low = max(low, 0.0)
-    elif isinstance(value, Sequence) and len(value) == 2:
+    elif _is_pair(value):
         low, high = float(value[0]), float(value[1])
     else:
         raise InrUsageError(f"ColorJitter: {name} must be a number or a (min, max) pair, got {value!r}")
@@ -669,11 +676,10 @@ class RandomErasing(Transform):
     is_post = True
 
     def __init__(self, p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0, inplace=False):
-        if not 0.0 <= float(p) <= 1.0:
-            raise InrUsageError(f"RandomErasing: p must be in [0, 1], got {p!r}")
-        if len(scale) != 2 or not 0 <= scale[0] <= scale[1] <= 1:
+        self.p = check_fraction("RandomErasing: p", p)
+        if not _is_pair(scale) or not 0 <= scale[0] <= scale[1] <= 1:
             raise InrUsageError(f"RandomErasing: scale must be (min, max) within [0, 1], got {scale!r}")
-        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        if not _is_pair(ratio) or not 0 < ratio[0] <= ratio[1]:
             raise InrUsageError(f"RandomErasing: ratio must be (min, max) with 0 < min <= max, got {ratio!r}")
         if isinstance(value, str):
             if value != "random":
@@ -681,7 +687,6 @@ class RandomErasing(Transform):
             self.value = "random"
         else:
             self.value = _per_channel(value, "RandomErasing", "value")
-        self.p = float(p)
         self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
 
     def draw(self, view: _View, size: tuple[int, int]) -> torch.Tensor:

@@ -11,6 +11,7 @@ import sys
 import click
 
 from .errors import InrFormatError, InrInterrupted, InrUsageError
+from .presets import PRESETS
 
 EXIT_USAGE = 2
 EXIT_BAD_FILE = 1
@@ -67,8 +68,11 @@ def _saved_convert_options(ctx: click.Context, paths: tuple[str, ...], given: di
             same = _device_type(wanted) == have
         elif key == "shard":
             same = parse_shard(wanted) == parse_shard(have)
-        elif key == "prior" and wanted not in ("auto", "builtin", "learn", "none"):
-            same = os.path.abspath(wanted) == have
+        elif key == "prior":
+            from .conversion import PRIOR_CHOICES
+
+            choice = PRESETS[saved["preset"]].prior if wanted == "auto" else wanted
+            same = (choice if choice in PRIOR_CHOICES else os.path.abspath(choice)) == have
         else:
             same = wanted == have
         if not same:
@@ -382,8 +386,8 @@ def verify(file, sample):
               help="Learn on a random sample of this many images of SRC.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Meta-learning (outer) steps; each fits 16 images for the first round of the preset's prior "
-                   "schedule (default: the preset's: 30 for fast, 120 for rapid-inr-cifar10, 40 for the 10-layer "
-                   "presets).")
+                   "schedule (default: the preset's: "
+                   + ", ".join(f"{p.prior_steps} for {name}" for name, p in PRESETS.items()) + ").")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N")
 @click.option("--max-side", type=click.IntRange(min=1), default=None,
@@ -397,11 +401,12 @@ def prior(src, out, preset, images, steps, seed, device, max_side, overwrite, qu
     (Reptile) so that the preset's short prior schedule fits images well.
     """
     import os
+    from pathlib import Path
 
     from .metalearn import learn_prior
+    from .workdir import check_out
 
-    if os.path.exists(out) and not overwrite:
-        raise InrUsageError(f"OUT {out} exists (use --overwrite to replace it)")
+    check_out(Path(out), overwrite)  # before the learning, not after it
     source_name = os.path.basename(os.path.abspath(src))
     learned = learn_prior(src, preset, images=images, steps=steps, seed=seed, device=device, max_side=max_side,
                           progress=not quiet, name=f"{preset} prior learned on {source_name}")

@@ -242,8 +242,7 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         quant=int(quant), prune=bool(prune), float_dtype=float_dtype, torch_compile=bool(torch_compile),
         shard=shard_kn, h5_images=h5_images, h5_labels=h5_labels, reproducible=bool(reproducible),
         prior_choice=prior_choice, prior=prior_obj)
-    if prior_choice == "learn":
-        _check_learnable(settings, len(source))
+    learn_plan = _check_learnable(settings, len(source)) if prior_choice == "learn" else None
     record = settings.record(src, source)
     run_hash = settings_hash({k: v for k, v in record.items() if k not in _PER_MACHINE_SETTINGS})
     metadata = _base_metadata(settings, record, src, reproducible)
@@ -257,8 +256,8 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
     if summary is None:
         work = WorkDir.open(target, record, overwrite=overwrite, resume=resume)
         prior_seconds = 0.0
-        if prior_choice == "learn":
-            settings, prior_seconds = _learned_prior(settings, source, work, progress)
+        if learn_plan is not None:
+            settings, prior_seconds = _learned_prior(settings, source, work, progress, *learn_plan)
         resume_command = (f"inrfmt convert --resume {shlex.quote(os.fspath(out))}" if dist_info is None
                           else "the same torchrun command with --resume")
         summary = _Encoder(settings, source, target, work, record, metadata, on_error=on_error, resume=resume,
@@ -313,23 +312,27 @@ def _learn_steps(settings: Settings, num_images: int) -> tuple[int, int]:
     per_image = sum(r.steps for r in settings.schedule)
     inner = settings.schedule[0].steps  # each outer step runs the first round of this very schedule
     fewest = max(MIN_IMAGES, math.ceil(META_BATCH * inner / (LEARN_SHARE * per_image)))
-    return learn_budget_steps(settings.preset, num_images, per_image, inner, LEARN_SHARE), fewest
+    return learn_budget_steps(settings.preset, num_images, per_image, inner, LEARN_SHARE, META_BATCH), fewest
 
 
-def _check_learnable(settings: Settings, num_images: int) -> None:
+def _check_learnable(settings: Settings, num_images: int) -> tuple[int, int]:
+    """_learn_steps, or an InrUsageError when SRC is too small to pay for one meta-learning step."""
     steps, fewest = _learn_steps(settings, num_images)
     if steps == 0:
         raise InrUsageError(f"--prior learn: SRC has {num_images} images; learning a prior within "
                             f"{LEARN_SHARE:.0%} of the conversion needs at least {fewest} for preset "
                             f"{settings.preset.name} (use --prior builtin or none)")
+    return steps, fewest
 
 
-def _learned_prior(settings: Settings, source, work: WorkDir, progress: bool) -> tuple[Settings, float]:
+def _learned_prior(settings: Settings, source, work: WorkDir, progress: bool, steps: int,
+                   fewest: int) -> tuple[Settings, float]:
     """Settings with the prior of `--prior learn`: the one saved in the work directory (a resumed run), or
-    one learned now on a seeded sample of SRC and saved there. Returns it with the seconds spent."""
+    one learned now (`steps` outer steps) on a seeded sample of SRC, which must hold `fewest` readable
+    images, and saved there. Returns it with the seconds spent."""
     from dataclasses import replace
 
-    from .metalearn import META_BATCH, learn_prior
+    from .metalearn import learn_prior
 
     saved = work.prior_file
     if saved.exists():
@@ -338,15 +341,13 @@ def _learned_prior(settings: Settings, source, work: WorkDir, progress: bool) ->
         except InrFormatError:  # cut off or damaged: learn it again
             saved.unlink()
     t0 = time.perf_counter()
-    n = len(source)
     images = sample_images(source, LEARN_SAMPLE_IMAGES, settings.seed, settings.max_side)
-    steps, fewest = _learn_steps(settings, n)
     if len(images) < fewest:
         if not work.holds_work():  # a fresh run leaves nothing behind
             work.remove()
         raise InrUsageError(f"--prior learn: only {len(images)} readable images in the sample of SRC; a prior "
                             f"needs at least {fewest}")
-    prior = learn_prior(images, settings.preset, meta_batch=META_BATCH, steps=steps, inner=settings.schedule[0],
+    prior = learn_prior(images, settings.preset, steps=steps, inner=settings.schedule[0],
                         seed=settings.seed, device=settings.device, progress=progress,
                         name=f"learned on {len(images)} images of SRC")
     prior.save(saved)

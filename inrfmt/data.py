@@ -46,6 +46,12 @@ def open(path, device=None, *, bank_layout="auto", size=None, transform=None,  #
                       target_transform=target_transform)
 
 
+def common_size(sizes: np.ndarray) -> tuple[int, int] | None:
+    """(h, w) when every row of sizes [N, 2] is the same, else None (also for N = 0)."""
+    distinct = np.unique(sizes, axis=0) if len(sizes) else sizes
+    return (int(distinct[0, 0]), int(distinct[0, 1])) if len(distinct) == 1 else None
+
+
 class InrDataset(torch.utils.data.Dataset):
     """A whole .inr file on one device, as a map-style torch Dataset.
 
@@ -97,12 +103,11 @@ class InrDataset(torch.utils.data.Dataset):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.sizes = np.stack([np.asarray(index["height"], np.int64), np.asarray(index["width"], np.int64)], axis=1)
         self._host_labels = np.asarray(index["label"], np.int64)  # __getitem__ answers without a device sync
-        distinct = np.unique(self.sizes, axis=0) if len(self.sizes) else np.zeros((0, 2), np.int64)
-        self.native_size = (int(distinct[0, 0]), int(distinct[0, 1])) if len(distinct) == 1 else None
+        self.native_size = common_size(self.sizes)
         self._closed = False
         self._bank = None
         self._arange = None  # device arange: ds[i] and contiguous batches index it instead of uploading indices
-        self._staging = None  # pinned host buffer for other index lists (CUDA), and its copy's event
+        self._staging: list = []  # pinned host buffers for other index lists (CUDA), each with its copy's event
 
     # -- pickling: a copy reopens the file; its bank is rebuilt on first use ----------------------------
     def __getstate__(self) -> dict:
@@ -213,7 +218,7 @@ class InrDataset(torch.utils.data.Dataset):
             if self._arange is None:
                 self._arange = torch.arange(len(self), dtype=torch.int64, device=self.device)
             return self._arange[int(positions[0]):int(positions[0]) + n]
-        ring = self._staging if self._staging is not None else []
+        ring = self._staging
         free = next((k for k, (buf, done) in enumerate(ring) if buf.numel() >= n and done.query()), None)
         if free is None:
             if len(ring) >= _STAGING_BUFFERS:  # all in flight (rare): wait for the oldest
@@ -225,7 +230,6 @@ class InrDataset(torch.utils.data.Dataset):
         staging[:n].numpy()[:] = positions
         on_device = staging[:n].to(self.device, non_blocking=True)
         done.record()
-        self._staging = ring
         return on_device
 
     # -- decoding -------------------------------------------------------------------------------------
@@ -238,10 +242,10 @@ class InrDataset(torch.utils.data.Dataset):
         """
         self._check_open()
         if size is None:
-            size = self.native_size if self.native_size is not None else self._common_size(indices)
+            size = self.native_size if self.native_size is not None else self._shared_size(indices)
         return decode_batch(self.bank, indices, size, theta, backend=backend, out=out, dtype=dtype)
 
-    def _common_size(self, indices) -> tuple[int, int]:
+    def _shared_size(self, indices) -> tuple[int, int]:
         if isinstance(indices, torch.Tensor):
             indices = indices.detach().cpu()  # a host sync; pass size= to avoid it
         positions = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -293,7 +297,7 @@ class InrDataset(torch.utils.data.Dataset):
             self.file.close()
             self._closed = True
             self._bank = None
-            self._arange = self._staging = None
+            self._arange, self._staging = None, []
 
     def __enter__(self) -> "InrDataset":
         return self
@@ -453,9 +457,7 @@ class InrLoader:
         bad = host[(host < 0) | (host >= n)]
         if bad.size:
             raise InrUsageError(f"loader: index {int(bad[0])} is out of range for a dataset of {n} images")
-        distinct = np.unique(ds.sizes[host], axis=0)
-        native = (int(distinct[0, 0]), int(distinct[0, 1])) if len(distinct) == 1 else None
-        return torch.as_tensor(host, device=self.device), native
+        return torch.as_tensor(host, device=self.device), common_size(ds.sizes[host])
 
     # -- order ----------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -6,8 +6,8 @@
 
 Reptile (Nichol et al. 2018), first-order: starting from a random SIREN initialisation θ₀, every outer
 step draws `meta_batch` images, fits each from θ₀ with the batched fitter for the first round of the
-preset's prior schedule (the very fit the prior will start: same Adam, learning rate, cosine decay, pixel
-fraction and jitter), and moves θ₀ toward the mean of the fitted networks by a step size that decays
+preset's prior schedule (the fit the prior will start: same Adam, learning rate and cosine decay, the
+preset's pixel fraction and jitter), and moves θ₀ toward the mean of the fitted networks by a step size that decays
 linearly from `outer_lr` to a fifth of it (OUTER_LR_END). Memory is that of one fit of `meta_batch`
 images, whatever the number of images or steps. Every draw (θ₀'s initialisation, the images of each step, their pixel samples)
 derives from `seed`, so one device and torch build give the same prior for the same inputs.
@@ -123,8 +123,8 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
     return Prior(arch, theta0, None, preset_obj.name if name is None else name)
 
 
-def learn_budget_steps(preset: Preset, num_images: int, schedule_steps: int, inner: int, fraction: float = 0.1,
-                       meta_batch: int = META_BATCH) -> int:
+def learn_budget_steps(preset: Preset, num_images: int, schedule_steps: int, inner: int, fraction: float,
+                       meta_batch: int) -> int:
     """Outer steps of `inner` fitting steps each that cost `fraction` of fitting `num_images` images for
     `schedule_steps` steps each (counted in image·steps), at most the preset's prior_steps; 0 when not
     even one fits the budget."""

@@ -149,8 +149,7 @@ PRESETS: dict[str, Preset] = {
             name="fast",
             arch=Architecture(sine_layers=3, width=16),
             rounds=(Round(steps=150, lr=5e-3), Round(steps=100, lr=1e-3, prune="dynamic")),
-            prior_rounds=(Round(steps=150, lr=5e-3), Round(steps=100, lr=1e-3, prune="dynamic")), prior_steps=30,
-            prior="builtin",
+            prior_steps=30, prior="builtin",  # from the prior: its own (already short) schedule
             prune_rule=CIFAR10_RULE,
             description="demo/test net 3x16; 150 + 100 steps at a high lr (~30 dB on 28x28 Fashion-MNIST); "
                         "CIFAR-10 pruning rule",

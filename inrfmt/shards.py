@@ -185,13 +185,11 @@ def merge(out, parts, overwrite: bool = False, reproducible: bool = False) -> No
             raise InrUsageError(f"merge: incomplete set of parts: {what}")
         paths = [p for _, _, p, _ in keyed]
         metas = [m for _, _, _, m in keyed]
-        for m in metas:
-            meta.update(m)
+    for m in metas:
+        meta.update(m)
+    if all(sharded):
         for key in SHARD_METADATA:  # the merged file is what one process would have written
             meta.pop(key, None)
-    else:
-        for m in metas:
-            meta.update(m)
     skipped = []
     for p, m in zip(paths, metas):
         try:

@@ -1,6 +1,4 @@
 """Learning a prior (inrfmt.metalearn), fitting from one, and convert's --prior."""
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +180,13 @@ def test_prior_learn_on_too_few_images_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "--prior learn: SRC has 20 images" in proc.stderr and "needs at least" in proc.stderr
     assert not (tmp_path / "x.inr.work").exists()
+    # enough items to pay for learning, too few of them readable: stopped before any fit, nothing left
+    src = image_folder(tmp_path / "s2", 100)
+    for path in sorted(src.glob("*/*.png"))[10:]:
+        path.write_bytes(b"not an image")
+    proc = cli("convert", src, tmp_path / "y.inr", "--prior", "learn", "--device", "cpu", "--quiet", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "readable images in the sample" in proc.stderr
+    assert not (tmp_path / "y.inr.work").exists() and not (tmp_path / "y.inr").exists()
 
 
 def test_bad_prior_files_are_one_line(tmp_path):

@@ -302,6 +302,9 @@ DECODE_RUNTIME_INTS = ("num_images", "npix", "out_w", "tiles_per_image", "groups
                        "stride_ob", "stride_oc", "stride_op")
 DECODE_POINTERS = ("idx_ptr", "theta_ptr", "out_ptr", "first_w_ptr", "first_b_ptr", "hidden_w_ptr",
                    "hidden_scale_ptr", "hidden_b_ptr", "last_w_ptr", "last_b_ptr")
+# The same for the compact bank's expansion kernel, whose plan is keyed without the bank's image count.
+EXPAND_RUNTIME_INTS = ("num_images", "mask_row_bytes")
+EXPAND_POINTERS = ("idx_ptr", "masks_ptr", "offsets_ptr", "values_ptr", "out_ptr")
 
 
 class _Jitted(NamedTuple):
@@ -322,7 +325,9 @@ def _jitted(interpret: bool) -> _Jitted:
                                      do_not_specialize_on_alignment=DECODE_POINTERS),
                    sine=_sine if interpret else triton.jit(_sine),
                    stage=_stage_hidden_layer if interpret else triton.jit(_stage_hidden_layer),
-                   expand=triton.jit(_expand_hidden_kernel), add=triton.jit(_add) if interpret else None)
+                   expand=triton.jit(_expand_hidden_kernel, do_not_specialize=EXPAND_RUNTIME_INTS,
+                                     do_not_specialize_on_alignment=EXPAND_POINTERS),
+                   add=triton.jit(_add) if interpret else None)
 
 
 def padded_width(width: int) -> int:
