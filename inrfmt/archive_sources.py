@@ -145,7 +145,7 @@ class WebDatasetSource(Source):
         try:
             tf = tarfile.open(path, "r:*")
         except (OSError, tarfile.TarError, EOFError) as e:
-            raise InrUsageError(f"cannot read WebDataset shard {path}: {e}") from None
+            raise InrUsageError(f"cannot read WebDataset shard {path}: {' '.join(str(e).split())}") from None
         with tf:
             try:
                 for member in tf:
@@ -301,6 +301,10 @@ class ParquetSource(Source):
             if lab is not None:
                 import pyarrow.compute as pc
 
+                label_type = pf.schema_arrow.field(lab).type
+                if not pa.types.is_integer(label_type):
+                    raise InrUsageError(f"{path}: label column {lab!r} is {label_type}, not integers; name another "
+                                        f"with --h5-labels")
                 try:
                     column = pc.fill_null(pf.read(columns=[lab]).column(0), -1).to_numpy(zero_copy_only=False)
                 except (pa.ArrowException, OSError) as e:

@@ -76,8 +76,9 @@ def _saved_convert_options(ctx: click.Context, paths: tuple[str, ...], given: di
         else:
             same = wanted == have
         if not same:
-            flag = "--" + name.replace("_", "-")
-            shown = {"no_prune": "", "reproducible": "", "torch_compile": ""}.get(name, f" {value}")
+            param = next(p for p in ctx.command.params if p.name == name)  # the flag as the user typed it
+            flag = param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0]
+            shown = "" if param.is_flag else f" {value}"
             raise InrUsageError(f"{flag}{shown} conflicts with the interrupted run's setting ({key} = {have!r}, saved "
                                 f"in {where}); leave {flag} out to resume, or use --overwrite to start over")
     return saved

@@ -46,6 +46,7 @@ import numpy as np
 from .checks import check_int, is_int
 from .decode_args import parse_size, resized_size
 from .errors import InrUsageError
+from .sources import IMAGE_EXTENSIONS
 
 FORMATS = ("png", "jpeg", "h5")
 JPEG_QUALITY = 95
@@ -150,7 +151,6 @@ def _check_writable(folder: Path, out: Path) -> None:
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def safe_name(raw: str) -> str:
@@ -182,7 +182,7 @@ def file_names(keys: list[str], labels: np.ndarray, classes: list[str], ext: str
             parts = parts[1:]  # an ImageFolder key starts with its class folder
         if parts:
             stem, suffix = os.path.splitext(parts[-1])
-            parts[-1] = stem if suffix.lower() in _IMAGE_SUFFIXES and stem else parts[-1]
+            parts[-1] = stem if suffix.lower() in IMAGE_EXTENSIONS and stem else parts[-1]
             rel = "/".join(safe_name(p) for p in parts)
         else:
             rel = f"{i:0{digits}d}"

@@ -32,7 +32,7 @@ class InrWriter:
     chunks hold `chunk_images` images each, counted from the first image, the last one the rest.
 
     Source keys: pass `keys` (one string per image) to every add()/append_chunk() or to none; with keys the
-    file gets a `keys` section and is version 1.1, without it is version 1.0."""
+    file gets a `keys` section; with keys or a prior the file is version 1.1, with neither 1.0."""
 
     def __init__(self, path, arch: Architecture, *, hidden_dtype: str = "int8", float_dtype: str = "float32",
                  has_masks: bool = False, classes: Iterable[str] = (), metadata: dict | None = None,
