@@ -20,12 +20,15 @@ import zstandard
 
 from .errors import InrFormatError, InrUsageError
 from .prior import Prior
-from .spec import (ALIGNMENT, CHECKED_AT_OPEN, CHUNK_DTYPE, COORDINATES, FLOAT_DTYPES, FORMAT_NAME, HIDDEN_DTYPES,
-                   IN_FEATURES, INDEX_DTYPE, KEY_OFFSET_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_HEADER_BYTES,
-                   OPTIONAL_SECTIONS, OUT_FEATURES, OUTPUT_LAYER, OUTPUT_MAPPING, PREAMBLE_DTYPE, PREAMBLE_SIZE,
-                   REQUIRED_SECTIONS, VERSION_MAJOR,
-                   VERSION_MINOR, Architecture, WeightBatch, align, architecture_problem, chunk_payload_layout,
-                   payload_bytes, prune_ratio_of)
+from . import coding
+from .grid import CodeGrid, grid_problem
+from .spec import (ALIGNMENT, CHECKED_AT_OPEN, CHUNK_DTYPE, CODE_BYTES, CODED_INDEX_COLUMNS, CODED_INDEX_ROW_BYTES,
+                   COORDINATES, FLOAT_DTYPES, FORMAT_NAME, FORMAT_VERSIONS, HIDDEN_DTYPES, IN_FEATURES, INDEX_DTYPE,
+                   KEY_OFFSET_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_HEADER_BYTES, OPTIONAL_SECTIONS, OUT_FEATURES,
+                   OUTPUT_LAYER, OUTPUT_MAPPING, PREAMBLE_DTYPE, PREAMBLE_SIZE, QUANT_DTYPE, REQUIRED_SECTIONS,
+                   VERSION_MAJOR, VERSION_MINOR, WEIGHT_CODING, Architecture, WeightBatch, align,
+                   architecture_problem, chunk_payload_layout, flatten_params, param_groups, payload_bytes,
+                   prune_ratio_of, unflatten_params)
 
 # Set bits of every byte value: a bitmap's kept-weight count without unpacking it.
 _POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
@@ -52,8 +55,14 @@ class InrFile:
     """A validated, memory-mapped .inr file. Opening checks the whole structure (see FORMAT.md, "What a
     reader validates"); chunk payloads are checked (CRC-32, exact size, bitmaps) when read.
 
-    Attributes: path, version (major, minor), arch, hidden_dtype, float_dtype, has_masks, num_images,
-    num_chunks, index (read-only INDEX_DTYPE rows), scales (float32 [N, H]), chunks (CHUNK_DTYPE rows),
+    Format 2 files (`coded`) hold every parameter as an entropy-coded integer on the file's `grid`:
+    `read_codes(k)` gives a chunk's codes, `theta0()` the prior's flat values; `read_chunk`/`read_images`
+    return dequantized float32 weights for both majors.
+
+    Attributes: path, version (major, minor), major, coded, arch, hidden_dtype, float_dtype (None for coded
+    files), has_masks, grid (CodeGrid, coded files; else None), tables (coding.CodeTable per group, coded
+    files), num_images, num_chunks, index (read-only INDEX_DTYPE rows; for coded files built from the
+    file's columns: nothing pruned), scales (float32 [N, H]; None for coded files), chunks (CHUNK_DTYPE rows),
     classes, metadata, keys (each image's source key, or None when the file has no `keys` section),
     prior (the `prior.Prior` the images were fitted from, or None),
     optional_sections (names of the validated optional sections present), file_bytes, sections, header.
@@ -103,10 +112,11 @@ class InrFile:
         if major > VERSION_MAJOR:
             self._fail("version", f"file is format version {major}.{minor}, newer than this reader's "
                                   f"{VERSION_MAJOR}.{VERSION_MINOR}; upgrade inrfmt to read it")
-        if major < 1:
+        if major not in FORMAT_VERSIONS:
             self._fail("version", f"unsupported format version {major}.{minor}")
         self.version = (major, minor)
-        if minor <= VERSION_MINOR and any(bytes(mm[32:64])):
+        self.major, self.coded = major, major == 2
+        if minor <= FORMAT_VERSIONS[major] and any(bytes(mm[32:64])):
             self._fail("preamble.reserved", "reserved bytes 32..63 are not zero")
         h_off, h_len = int(pre["header_offset"]), int(pre["header_length"])
         self.header_offset, self.header_length = h_off, h_len
@@ -176,13 +186,22 @@ class InrFile:
             if got != want:
                 self._fail(where + key, f"unsupported value {got!r:.80} (version 1 requires {want!r})")
         self.arch = Architecture(**values)
-        self.hidden_dtype = g(header, "hidden_dtype", "str", "header.")
-        if self.hidden_dtype not in HIDDEN_DTYPES:
-            self._fail("header.hidden_dtype", f"unknown dtype {self.hidden_dtype!r:.80} (one of {HIDDEN_DTYPES})")
-        self.float_dtype = g(header, "float_dtype", "str", "header.")
-        if self.float_dtype not in FLOAT_DTYPES:
-            self._fail("header.float_dtype", f"unknown dtype {self.float_dtype!r:.80} (one of {FLOAT_DTYPES})")
-        self.has_masks = g(header, "has_masks", "bool", "header.")
+        if self.coded:
+            coding_name = g(header, "weight_coding", "str", "header.")
+            if coding_name != WEIGHT_CODING:
+                self._fail("header.weight_coding", f"unknown coding {coding_name!r:.80} (format 2.0 has "
+                                                   f"{WEIGHT_CODING!r})")
+            self.hidden_dtype = self.float_dtype = None
+            self.has_masks = False
+        else:
+            self.hidden_dtype = g(header, "hidden_dtype", "str", "header.")
+            if self.hidden_dtype not in HIDDEN_DTYPES:
+                self._fail("header.hidden_dtype", f"unknown dtype {self.hidden_dtype!r:.80} (one of "
+                                                  f"{HIDDEN_DTYPES})")
+            self.float_dtype = g(header, "float_dtype", "str", "header.")
+            if self.float_dtype not in FLOAT_DTYPES:
+                self._fail("header.float_dtype", f"unknown dtype {self.float_dtype!r:.80} (one of {FLOAT_DTYPES})")
+            self.has_masks = g(header, "has_masks", "bool", "header.")
         self.num_images = g(header, "num_images", "int", "header.")
         if not 0 <= self.num_images < 2 ** 32:
             self._fail("header.num_images", f"{self.num_images} is outside [0, 2^32)")
@@ -204,7 +223,7 @@ class InrFile:
                 self._fail(f"section {name!r:.80}", f"negative offset/length or crc32 out of range "
                                                     f"(offset {off}, length {length}, crc32 {crc})")
             self.sections[name] = {"name": name, "offset": off, "length": length, "crc32": crc}
-        for name in REQUIRED_SECTIONS:
+        for name in REQUIRED_SECTIONS[self.major]:
             if name not in self.sections:
                 self._fail(f"section {name!r}", "missing")
 
@@ -245,20 +264,28 @@ class InrFile:
 
     def _load_tables(self) -> None:
         a, n = self.arch, self.num_images
-        for name in CHECKED_AT_OPEN:
+        for name in CHECKED_AT_OPEN[self.major]:
             self._checked_section_bytes(name)
         # Sizes against num_images / architecture.
-        expect = {"index": n * INDEX_DTYPE.itemsize, "scales": n * a.hidden_layers * 4,
-                  "chunks": self.num_chunks * CHUNK_DTYPE.itemsize}
+        expect = {"chunks": self.num_chunks * CHUNK_DTYPE.itemsize}
+        if self.coded:
+            expect["quant"] = len(param_groups(a)) * QUANT_DTYPE.itemsize
+        else:
+            expect.update({"index": n * INDEX_DTYPE.itemsize, "scales": n * a.hidden_layers * 4})
         for name, want in expect.items():
             got = self.sections[name]["length"]
             if got != want:
                 self._fail(f"section {name!r}", f"length {got} does not match num_images={n}, num_chunks="
                                                 f"{self.num_chunks}, architecture (expected {want})")
-        self.index = np.frombuffer(self._section_bytes("index"), INDEX_DTYPE).copy()
+        self.grid, self.tables, self._decoder = None, None, None
+        if self.coded:
+            self._load_coding()
+            self.scales = None
+        else:
+            self.index = np.frombuffer(self._section_bytes("index"), INDEX_DTYPE).copy()
+            self.scales = np.frombuffer(self._section_bytes("scales"), "<f4").copy().reshape(n, a.hidden_layers)
+            self.scales.setflags(write=False)
         self.index.setflags(write=False)
-        self.scales = np.frombuffer(self._section_bytes("scales"), "<f4").copy().reshape(n, a.hidden_layers)
-        self.scales.setflags(write=False)
         self.chunks = np.frombuffer(self._section_bytes("chunks"), CHUNK_DTYPE).copy()
         self.chunks.setflags(write=False)
         self.classes = self._json_section("classes", list)
@@ -267,15 +294,50 @@ class InrFile:
         self.metadata = self._json_section("metadata", dict)
         if not all(isinstance(v, str) for v in self.metadata.values()):
             self._fail("section 'metadata'", "must be a JSON object of string values")
-        self._check_scales()
+        if not self.coded:
+            self._check_scales()
         self._check_chunks()
         self._check_index()
         self._load_optional_sections()
 
+    def _load_coding(self) -> None:
+        """Format 2's grid (`quant`), probability tables (`tables`) and columnar `index`."""
+        rows = np.frombuffer(self._section_bytes("quant"), QUANT_DTYPE)
+        for i, group in enumerate(param_groups(self.arch)):
+            row = rows[i]
+            if any(bytes(row["reserved"])) or int(row["wrapped"]) > 1:
+                self._fail(f"quant[{i}]", "reserved bytes are not zero or wrapped is not 0/1")
+            problem = grid_problem(group, float(row["step"]), int(row["bits"]), bool(row["wrapped"]))
+            if problem:
+                self._fail(f"quant[{i}] ({group.name})", problem)
+        self.grid = CodeGrid.from_table(self.arch, rows)
+        try:
+            self.tables = coding.parse_tables_section(self._section_bytes("tables"), self.grid.bits)
+        except coding.CodingError as e:
+            self._fail("section 'tables'", str(e))
+        self._decoder = coding.Decoder.build(self.tables, self.grid)
+        n = self.num_images
+        raw = _decompress_exact(self._section_bytes("index"), n * CODED_INDEX_ROW_BYTES,
+                                lambda msg: self._fail("section 'index'", msg))
+        index = np.zeros(n, INDEX_DTYPE)
+        pos = 0
+        for name, dt in CODED_INDEX_COLUMNS:
+            index[name] = np.frombuffer(raw, dt, count=n, offset=pos)
+            pos += n * dt.itemsize
+        # What format 1 stores per image follows from the chunk table: nothing is pruned.
+        total = self.arch.hidden_total
+        counts = np.frombuffer(self._section_bytes("chunks"), CHUNK_DTYPE)["image_count"].astype(np.int64)
+        if int(counts.sum()) == n:
+            index["chunk"] = np.repeat(np.arange(len(counts)), counts)
+            first = np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+            index["value_start"] = (np.arange(n) - first) * total
+        index["nnz"] = total
+        self.index = index
+
     # -- optional sections (FORMAT.md section 9.1): one path, a parser per name --------------------------
     def _load_optional_sections(self) -> None:
         """Validate every optional section this reader knows and the file's minor version defines."""
-        self.optional_sections = [name for name, minor in OPTIONAL_SECTIONS.items()
+        self.optional_sections = [name for name, minor in OPTIONAL_SECTIONS[self.major].items()
                                   if name in self.sections and self.version[1] >= minor]
         self._key_offsets = self._key_text = None
         self._keys = None
@@ -372,6 +434,13 @@ class InrFile:
         raw = c["raw_length"]
         self._reject(raw > MAX_CHUNK_RAW_BYTES, lambda k: (
             f"chunks[{k}].raw_length", f"{int(raw[k])} exceeds {MAX_CHUNK_RAW_BYTES}"))
+        if self.coded:
+            self._reject(clen % 4 != 0, lambda k: (
+                f"chunks[{k}].compressed_length", f"{int(clen[k])} is not a whole number of 4-byte words"))
+            want = count * self.arch.params_per_image * CODE_BYTES
+            self._reject(raw != want.astype(np.uint64), lambda k: (
+                f"chunks[{k}].raw_length", f"{int(raw[k])} but its {int(count[k])} images have "
+                                           f"{int(want[k])} bytes of codes"))
 
     def _check_index(self) -> None:
         idx, a = self.index, self.arch
@@ -408,7 +477,7 @@ class InrFile:
         self._reject(idx["value_start"] != start, lambda i: (
             f"index[{i}].value_start", f"{int(idx['value_start'][i])} (expected {int(start[i])}, the sum of nnz "
                                        f"of the earlier images of its chunk)"))
-        for k in range(len(self.chunks)):
+        for k in range(len(self.chunks) if not self.coded else 0):
             lo, hi_ = self._chunk_bounds[k], self._chunk_bounds[k + 1]
             want = payload_bytes(self.chunk_layout(k, int(csum[hi_] - csum[lo])))
             if int(self.chunks["raw_length"][k]) != want:
@@ -459,6 +528,8 @@ class InrFile:
             raise InrFormatError(f"{self.path}: chunks[{k}]: cannot decode ({type(e).__name__}: {e})") from None
 
     def _read_payload(self, k: int) -> ChunkPayload:
+        if self.coded:
+            raise InrUsageError(f"{self.path}: a format 2 chunk is an rANS message, not a payload: use read_codes")
         frame, raw_length = self.read_chunk_frame(k)
         raw = _decompress_exact(frame, raw_length, lambda msg: self._fail(f"chunks[{k}]", msg))
         start, stop = self.chunk_range(k)
@@ -482,8 +553,37 @@ class InrFile:
                                                  f"{int(nnz[i])} but its mask keeps {int(kept[i])} weights"))
         return ChunkPayload(k, start, stop, raw, arrays, offsets)
 
+    def theta0(self) -> np.ndarray:
+        """The prior's values as one float32 vector [P] in parameter-group order (zeros without a prior)."""
+        if self.prior is None:
+            return np.zeros(self.arch.params_per_image, np.float32)
+        one = {name: value[None] for name, value in self.prior.theta0.items()}
+        return flatten_params(one, self.arch)[0].astype(np.float32)
+
+    def read_codes(self, k: int) -> np.ndarray:
+        """Chunk k of a coded file: its images' codes, int16 [n, P] (CRC-32 and the whole rANS message
+        checked; InrFormatError otherwise). Releases the GIL while decoding: call it from several threads."""
+        if not self.coded:
+            raise InrUsageError(f"{self.path}: read_codes needs a format 2 file (this one is "
+                                f"{self.version[0]}.{self.version[1]})")
+        words, _ = self.read_chunk_frame(k)
+        start, stop = self.chunk_range(k)
+        out = np.empty((stop - start, self.arch.params_per_image), coding.CODE_DTYPE)
+        try:
+            coding.decode_chunk(words, self._decoder, out)
+        except coding.CodingError as e:
+            self._fail(f"chunks[{k}]", str(e))
+        return out
+
     def read_chunk(self, k: int) -> WeightBatch:
-        """Decode chunk k into a WeightBatch (float32 floats, hidden_w in hidden_dtype, dense)."""
+        """Decode chunk k into a WeightBatch (float32 floats, hidden_w in hidden_dtype, dense; coded files:
+        every parameter dequantized to float32, hidden_scale 1)."""
+        if self.coded:
+            values = self.grid.values_numpy(self.read_codes(k), self.theta0())
+            params = unflatten_params(values, self.arch)
+            n = len(values)
+            return WeightBatch(hidden_scale=np.ones((n, self.arch.hidden_layers), np.float32), mask=None,
+                               **{name: np.ascontiguousarray(v) for name, v in params.items()})
         payload = self.read_payload(k)
         arrays, n = payload.arrays, payload.count
         h, w, total = self.arch.hidden_layers, self.arch.width, self.arch.hidden_total
@@ -528,7 +628,7 @@ class InrFile:
     def _empty_batch(self) -> WeightBatch:
         shapes = self.arch.shapes()
         f = np.float32
-        empty = {name: np.zeros((0, *shape), np.dtype(self.hidden_dtype) if name == "hidden_w" else f)
+        empty = {name: np.zeros((0, *shape), np.dtype(self.hidden_dtype or f) if name == "hidden_w" else f)
                  for name, shape in shapes.items()}
         return WeightBatch(hidden_scale=np.zeros((0, self.arch.hidden_layers), f),
                            mask=np.zeros((0, *shapes["hidden_w"]), bool) if self.has_masks else None, **empty)
@@ -537,7 +637,7 @@ class InrFile:
         """Check every checksum (the whole blobs section too) and decode every chunk."""
         self.verify_checksums()
         for k in range(self.num_chunks):
-            self.read_payload(k)
+            self.read_codes(k) if self.coded else self.read_payload(k)
 
     def verify_checksums(self) -> None:
         """Check the CRC-32 of the `blobs` section (the other sections are checked at open): every byte of
@@ -578,8 +678,9 @@ class InrFile:
             pass
 
     def __repr__(self) -> str:
+        weights = "coded" if self.coded else f"hidden={self.hidden_dtype}"
         return (f"InrFile({self.path!r}, version={self.version[0]}.{self.version[1]}, images={self.num_images}, "
-                f"arch={self.arch.sine_layers}x{self.arch.width}, hidden={self.hidden_dtype})")
+                f"arch={self.arch.sine_layers}x{self.arch.width}, {weights})")
 
 
 def _reject_constant(name):

@@ -19,8 +19,12 @@ from .errors import InrUsageError
 
 MAGIC = b"\x89INR\r\n\x1a\n"  # PNG-style: high bit, CRLF and ^Z catch text-mode / 7-bit mangling
 FORMAT_NAME = "inr"
-VERSION_MAJOR = 1
-VERSION_MINOR = 1
+# The newest minor version of each major version this library reads and writes. Major 1: raw weight arrays
+# (float, int8 with per-image scales, pruning bitmaps) in zstd chunks; major 2: every parameter quantized on
+# a per-file grid and entropy-coded (rANS) with probability tables fitted over the whole file.
+FORMAT_VERSIONS = {1: 1, 2: 0}
+VERSION_MAJOR = max(FORMAT_VERSIONS)
+VERSION_MINOR = FORMAT_VERSIONS[VERSION_MAJOR]
 ALIGNMENT = 64
 PREAMBLE_SIZE = 64
 MAX_HEADER_BYTES = 1 << 20
@@ -32,13 +36,15 @@ OUT_FEATURES = 3
 COORDINATES = "xy_pixel_centers_minus1_1"  # x along width, y along height, pixel centres, [-1, 1]
 OUTPUT_MAPPING = "rgb_clamp01(0.5*o+0.5)"
 OUTPUT_LAYER = "linear"
-REQUIRED_SECTIONS = ("blobs", "index", "scales", "chunks", "classes", "metadata")
-# Sections whose CRC-32 a reader checks at open (all small); `blobs` is checked per chunk on read.
-CHECKED_AT_OPEN = ("index", "scales", "chunks", "classes", "metadata")
-# Optional sections, each with the minor version that defines it. A reader validates (CRC-32 included) and
-# uses one only in files of that minor version or newer; in older files the name is an unknown section.
-# Writers write the lowest version that defines every section they write (1.0 without any of these).
-OPTIONAL_SECTIONS = {"keys": 1, "prior": 1}
+# Sections every file of a major version has, and those of them whose CRC-32 a reader checks at open (all
+# small); `blobs` is checked per chunk on read.
+REQUIRED_SECTIONS = {1: ("blobs", "index", "scales", "chunks", "classes", "metadata"),
+                     2: ("blobs", "index", "chunks", "quant", "tables", "classes", "metadata")}
+CHECKED_AT_OPEN = {major: tuple(n for n in names if n != "blobs") for major, names in REQUIRED_SECTIONS.items()}
+# Optional sections of each major version, with the minor version that defines each. A reader validates
+# (CRC-32 included) and uses one only in files of that minor version or newer; in older files the name is
+# an unknown section. Writers write the lowest version that defines every section they write.
+OPTIONAL_SECTIONS = {1: {"keys": 1, "prior": 1}, 2: {"keys": 0, "prior": 0}}
 
 # Storage dtypes by their names in the header (little-endian in the file).
 DTYPES = {"int8": np.dtype("i1"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
@@ -79,6 +85,105 @@ CHUNK_DTYPE = np.dtype([
 assert CHUNK_DTYPE.itemsize == 40
 
 
+# -- format 2: every parameter quantized and entropy-coded (FORMAT.md part II) ---------------------------
+WEIGHT_CODING = "rans32-p24"  # header.weight_coding: 32-bit words, 64-bit state, 24-bit frequencies
+# Section `index` of format 2: these columns one after another (N values each), in one zstd frame.
+CODED_INDEX_COLUMNS = (("label", np.dtype("<i4")), ("height", np.dtype("<u4")), ("width", np.dtype("<u4")),
+                       ("psnr", np.dtype("<f4")))
+CODED_INDEX_ROW_BYTES = sum(dt.itemsize for _, dt in CODED_INDEX_COLUMNS)
+CODE_BYTES = 2  # a decoded code is an int16: chunks' raw_length = image_count * P * CODE_BYTES
+# Parameter classes of format 2: a group is one class's tensor (one per hidden layer for the hidden ones).
+PARAM_CLASSES = ("first_w", "first_b", "hidden_w", "hidden_b", "last_w", "last_b")
+MAX_CODE_BITS = 16  # widest code of a group: q in [-2^15, 2^15)
+
+QUANT_DTYPE = np.dtype([
+    ("step", "<f4"),      # dequantization step: theta = theta0 + step * q (float32 arithmetic)
+    ("bits", "u1"),       # code width b: every q of the group is in [-2^(b-1), 2^(b-1))
+    ("wrapped", "u1"),    # 1: a sine layer's bias stored modulo its period, step = 2*pi / (w0 * 2^b)
+    ("reserved", "V2"),   # zero
+])
+assert QUANT_DTYPE.itemsize == 8
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """One parameter group of format 2: its `name` ("hidden_w.0", "last_b", ...), its class (PARAM_CLASSES),
+    the hidden `layer` it belongs to (None for the others), its per-image `shape`, its `offset` in an image's
+    flat parameter vector (groups in order, each in C order), and for the bias of a sine layer the layer's
+    frequency factor `period_w0` (the network is periodic in it with period 2*pi/period_w0; else None)."""
+
+    name: str
+    cls: str
+    layer: int | None
+    shape: tuple[int, ...]
+    offset: int
+    period_w0: float | None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.size
+
+
+def param_groups(arch: "Architecture") -> tuple[ParamGroup, ...]:
+    """The groups of format 2 in their normative order: first_w, first_b, then hidden_w.l, hidden_b.l for
+    each hidden layer l, then last_w, last_b."""
+    w = arch.width
+    spec = [("first_w", "first_w", None, (w, IN_FEATURES), None),
+            ("first_b", "first_b", None, (w,), arch.first_w0)]
+    for layer in range(arch.hidden_layers):
+        spec += [(f"hidden_w.{layer}", "hidden_w", layer, (w, w), None),
+                 (f"hidden_b.{layer}", "hidden_b", layer, (w,), arch.w0)]
+    spec += [("last_w", "last_w", None, (OUT_FEATURES, w), None),
+             ("last_b", "last_b", None, (OUT_FEATURES,), None)]
+    groups, offset = [], 0
+    for name, cls, layer, shape, period in spec:
+        groups.append(ParamGroup(name, cls, layer, shape, offset, period))
+        offset += int(np.prod(shape))
+    return tuple(groups)
+
+
+def flatten_params(params, arch: "Architecture"):
+    """Per-image parameters as a mapping (or NamedTuple) of the six classes, arrays or tensors [n, *shape]
+    -> [n, P] in group order (numpy in, numpy out; torch in, torch out)."""
+    get = params.__getitem__ if isinstance(params, dict) else lambda name: getattr(params, name)
+    parts = []
+    for g in param_groups(arch):
+        t = get(g.cls)
+        t = t[:, g.layer] if g.layer is not None else t
+        parts.append(t.reshape(t.shape[0], g.size))
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=1)
+    import torch
+
+    return torch.cat(parts, dim=1)
+
+
+def unflatten_params(flat, arch: "Architecture") -> dict:
+    """[n, P] in group order -> {class: [n, *Architecture.shapes()[class]]} (views where possible; numpy or
+    torch, as given). The inverse of flatten_params."""
+    n = flat.shape[0]
+    out, hidden = {}, {"hidden_w": [], "hidden_b": []}
+    for g in param_groups(arch):
+        part = flat[:, g.offset:g.stop].reshape(n, *g.shape)
+        if g.layer is None:
+            out[g.cls] = part
+        else:
+            hidden[g.cls].append(part)
+    shapes = arch.shapes()
+    for cls, parts in hidden.items():
+        if isinstance(flat, np.ndarray):
+            out[cls] = np.stack(parts, axis=1) if parts else np.zeros((n, *shapes[cls]), flat.dtype)
+        else:
+            import torch
+
+            out[cls] = torch.stack(parts, dim=1) if parts else flat.new_zeros((n, *shapes[cls]))
+    return {name: out[name] for name in PARAM_CLASSES}
+
+
 # Section `keys`: N + 1 offsets into the UTF-8 text that follows them (FORMAT.md section 9.1).
 KEY_OFFSET_DTYPE = np.dtype("<u8")
 
@@ -91,9 +196,10 @@ def keys_section(keys: Sequence[str]) -> bytes:
     return offsets.tobytes() + b"".join(encoded)
 
 
-def minor_version(section_names) -> int:
+def minor_version(major: int, section_names) -> int:
     """The minor version a writer puts on a file with these sections (the lowest that defines them all)."""
-    return max([0] + [OPTIONAL_SECTIONS[name] for name in section_names if name in OPTIONAL_SECTIONS])
+    optional = OPTIONAL_SECTIONS[major]
+    return max([0] + [optional[name] for name in section_names if name in optional])
 
 
 def align(n: int) -> int:

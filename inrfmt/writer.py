@@ -1,7 +1,8 @@
 """The `.inr` writer (FORMAT.md) and `merge_files`, which joins files by copying their compressed chunks.
 
 Writes are atomic: a temporary file beside the target, fsynced and renamed on close. The same inputs give
-a byte-identical file. numpy, zstandard and the standard library only.
+a byte-identical file. Format 1 needs numpy, zstandard and the standard library only; format 2 (coded)
+also constriction.
 """
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ from typing import Iterable
 import numpy as np
 import zstandard
 
+from . import coding
 from .checks import check_int
 from .errors import InrUsageError
 from .prior import Prior
+from .grid import CodeGrid
 from .reader import InrFile
-from .spec import (CHUNK_DTYPE, FLOAT_DTYPES, FORMAT_NAME, HIDDEN_DTYPES, INDEX_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES,
-                   MAX_HEADER_BYTES, PREAMBLE_DTYPE, PREAMBLE_SIZE, VERSION_MAJOR, DTYPES, Architecture,
-                   WeightBatch, align, canonical_json, chunk_payload_layout, keys_section, minor_version,
-                   payload_bytes, prune_ratio_of)
+from .spec import (CHUNK_DTYPE, CODE_BYTES, CODED_INDEX_COLUMNS, FLOAT_DTYPES, FORMAT_NAME, HIDDEN_DTYPES,
+                   INDEX_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_HEADER_BYTES, PREAMBLE_DTYPE, PREAMBLE_SIZE,
+                   WEIGHT_CODING, DTYPES, Architecture, WeightBatch, align, canonical_json, chunk_payload_layout,
+                   keys_section, minor_version, param_groups, payload_bytes, prune_ratio_of)
 
 DEFAULT_ZSTD_LEVEL = 9
 
@@ -32,13 +35,23 @@ class InrWriter:
     chunks hold `chunk_images` images each, counted from the first image, the last one the rest.
 
     Source keys: pass `keys` (one string per image) to every add()/append_chunk() or to none; with keys the
-    file gets a `keys` section; with keys or a prior the file is version 1.1, with neither 1.0."""
+    file gets a `keys` section; with keys or a prior the file is version 1.1, with neither 1.0.
+
+    Format 2 (coded): give `grid` (a quantize.CodeGrid for `arch`) and add images with add_codes(); the
+    writer keeps their codes in a temporary file beside `path` and on close fits one probability table per
+    parameter group over all of them and entropy-codes the chunks (version 2.0). `prior` is then the
+    theta0 the codes are residuals of."""
 
     def __init__(self, path, arch: Architecture, *, hidden_dtype: str = "int8", float_dtype: str = "float32",
                  has_masks: bool = False, classes: Iterable[str] = (), metadata: dict | None = None,
-                 chunk_images: int = 1024, zstd_level: int = DEFAULT_ZSTD_LEVEL, prior: Prior | None = None):
+                 chunk_images: int = 1024, zstd_level: int = DEFAULT_ZSTD_LEVEL, prior: Prior | None = None,
+                 grid: CodeGrid | None = None):
         if not isinstance(arch, Architecture):
             raise InrUsageError(f"InrWriter: arch must be an Architecture, got {type(arch).__name__}")
+        if grid is not None and (not isinstance(grid, CodeGrid) or grid.arch != arch):
+            raise InrUsageError(f"InrWriter: grid must be a CodeGrid for the writer's architecture {arch}")
+        if grid is not None and has_masks:
+            raise InrUsageError("InrWriter: a coded file (grid) has no pruning masks")
         if hidden_dtype not in HIDDEN_DTYPES:
             raise InrUsageError(f"InrWriter: hidden_dtype must be one of {HIDDEN_DTYPES}, got {hidden_dtype!r}")
         if float_dtype not in FLOAT_DTYPES:
@@ -56,8 +69,9 @@ class InrWriter:
         self.hidden_dtype = hidden_dtype
         self.float_dtype = float_dtype
         self.has_masks = bool(has_masks)
-        per_image = payload_bytes(chunk_payload_layout(arch, 1, float_dtype, hidden_dtype, self.has_masks,
-                                                       arch.hidden_total))
+        self.grid = grid
+        per_image = arch.params_per_image * CODE_BYTES if grid is not None else \
+            payload_bytes(chunk_payload_layout(arch, 1, float_dtype, hidden_dtype, self.has_masks, arch.hidden_total))
         self.chunk_images = int(min(chunk_images, max(1, MAX_CHUNK_RAW_BYTES // per_image)))
         self._cctx = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=False)
         self._pending: list[tuple[WeightBatch, np.ndarray]] = []  # (weights, index rows), file dtypes
@@ -70,10 +84,18 @@ class InrWriter:
         self._blob_bytes = 0
         self._blob_crc = 0
         self._closed = False
+        self._spill = None  # coded files: every image's int16 codes until close
+        self._hists = [np.zeros(1 << int(b), np.int64) for b in grid.bits] if grid is not None else None
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, self._tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(self.path) + ".",
                                               suffix=".tmp")
         self._fh = os.fdopen(fd, "w+b")
+        if grid is not None:
+            try:
+                self._spill = tempfile.TemporaryFile(dir=directory, prefix="." + os.path.basename(self.path) + ".")
+            except BaseException:
+                self.abort()
+                raise
         try:
             self._fh.write(bytes(PREAMBLE_SIZE))  # patched at close
         except BaseException:
@@ -110,6 +132,8 @@ class InrWriter:
         image's source key (see the class doc)."""
         if self._closed:
             raise InrUsageError("InrWriter.add: writer is closed")
+        if self.grid is not None:
+            raise InrUsageError("InrWriter.add: a coded writer (grid) takes codes: use add_codes")
         try:
             batch, rows = self._convert(weights, labels, heights, widths, psnr, prune_ratio)
             self._add_keys(keys, len(batch), "InrWriter.add")
@@ -123,6 +147,38 @@ class InrWriter:
         try:
             while self._pending_n >= self.chunk_images:
                 self._emit_chunk(self.chunk_images)
+        except BaseException:
+            self.abort()
+            raise
+
+    def add_codes(self, codes, labels, heights, widths, psnr, keys=None) -> None:
+        """Append n images of a coded file: `codes` int [n, P] (parameter-group order, each group's codes
+        within its bits), and per image label, height, width, PSNR (dB) and optionally source keys."""
+        if self._closed:
+            raise InrUsageError("InrWriter.add_codes: writer is closed")
+        if self.grid is None:
+            raise InrUsageError("InrWriter.add_codes: this writer has no grid (format 1): use add")
+        try:
+            codes = np.asarray(codes)
+            p = self.arch.params_per_image
+            if codes.ndim != 2 or codes.shape[1] != p or codes.dtype.kind not in "iu":
+                raise InrUsageError(f"InrWriter.add_codes: codes must be integers of shape [n, {p}], got "
+                                    f"{codes.dtype} {codes.shape}")
+            n = len(codes)
+            for g, b in zip(param_groups(self.arch), self.grid.bits):
+                part = codes[:, g.offset:g.stop]
+                half = 1 << (int(b) - 1)
+                if part.size and (int(part.min()) < -half or int(part.max()) >= half):
+                    raise InrUsageError(f"InrWriter.add_codes: a code of group {g.name} is outside its {int(b)}-bit "
+                                        f"range [{-half}, {half - 1}]")
+            rows = self._index_rows(n, labels, heights, widths, psnr)
+            self._add_keys(keys, n, "InrWriter.add_codes")
+            codes = np.ascontiguousarray(codes, coding.CODE_DTYPE)
+            for h, add in zip(self._hists, coding.histograms(codes, self.grid)):
+                h += add
+            self._spill.write(codes.astype("<i2").tobytes())
+            self._index.append(rows)
+            self._pending_n += n
         except BaseException:
             self.abort()
             raise
@@ -187,6 +243,17 @@ class InrWriter:
             bad = int(np.argmax(disagrees))
             raise InrUsageError(f"InrWriter.add: prune_ratio[{bad}] = {given[bad]} disagrees with the mask "
                                 f"({ratio[bad]:.6f} of hidden weights pruned)")
+        rows = self._index_rows(n, labels, heights, widths, psnr)
+        rows["prune_ratio"] = ratio
+        rows["nnz"] = nnz
+        batch = WeightBatch(
+            first_w=np.asarray(wb.first_w, fdt), first_b=np.asarray(wb.first_b, fdt), hidden_w=hidden,
+            hidden_scale=scale, hidden_b=np.asarray(wb.hidden_b, fdt), last_w=np.asarray(wb.last_w, fdt),
+            last_b=np.asarray(wb.last_b, fdt), mask=mask)
+        return batch, rows
+
+    def _index_rows(self, n: int, labels, heights, widths, psnr) -> np.ndarray:
+        """Checked INDEX_DTYPE rows of n new images (label, height, width, psnr; nothing pruned)."""
         rows = np.zeros(n, INDEX_DTYPE)
         rows["label"] = _vector(labels, n, "labels", np.int64, lo=-1,
                                 hi=len(self.classes) - 1 if self.classes else 2 ** 31 - 1)
@@ -196,13 +263,8 @@ class InrWriter:
         if not np.all(np.isfinite(p.astype(np.float32))):
             raise InrUsageError("InrWriter.add: psnr must be finite")
         rows["psnr"] = p
-        rows["prune_ratio"] = ratio
-        rows["nnz"] = nnz
-        batch = WeightBatch(
-            first_w=np.asarray(wb.first_w, fdt), first_b=np.asarray(wb.first_b, fdt), hidden_w=hidden,
-            hidden_scale=scale, hidden_b=np.asarray(wb.hidden_b, fdt), last_w=np.asarray(wb.last_w, fdt),
-            last_b=np.asarray(wb.last_b, fdt), mask=mask)
-        return batch, rows
+        rows["nnz"] = self.arch.hidden_total
+        return rows
 
     def _emit_chunk(self, count: int) -> None:
         """Compress the first `count` pending images into one chunk and append it to the blobs section."""
@@ -244,6 +306,8 @@ class InrWriter:
         a whole number of chunk_images)."""
         if self._closed:
             raise InrUsageError("InrWriter.append_chunk: writer is closed")
+        if self.grid is not None:
+            raise InrUsageError("InrWriter.append_chunk: a coded writer re-codes every chunk: use add_codes")
         if self._pending_n:
             raise InrUsageError("InrWriter.append_chunk: images added with add() are still pending; "
                                 "do not mix add() and append_chunk() in one file")
@@ -267,7 +331,9 @@ class InrWriter:
         if self._closed:
             return
         try:
-            if self._pending_n:
+            if self.grid is not None:
+                self._code_chunks()
+            elif self._pending_n:
                 self._emit_chunk(self._pending_n)
             self._finish()
         except BaseException:
@@ -275,21 +341,45 @@ class InrWriter:
             raise
         self._closed = True
 
+    def _code_chunks(self) -> None:
+        """Coded files: fit the tables over every image's codes, then entropy-code the spilled codes chunk by
+        chunk into the blobs section."""
+        self._code_tables = coding.fit_tables(self._hists, self.grid)
+        p, n = self.arch.params_per_image, self._pending_n
+        self._spill.seek(0)
+        for start in range(0, n, self.chunk_images):
+            count = min(self.chunk_images, n - start)
+            codes = np.frombuffer(self._spill.read(count * p * CODE_BYTES), "<i2").reshape(count, p)
+            words = coding.encode_chunk(codes, self.grid, self._code_tables)
+            self._fh.write(words)
+            self._chunks.append((self._blob_bytes, len(words), count * p * CODE_BYTES, start, count,
+                                 zlib.crc32(words)))
+            self._blob_crc = zlib.crc32(words, self._blob_crc)
+            self._blob_bytes += len(words)
+        self._num_images, self._pending_n = n, 0
+
     def _finish(self) -> None:
         fh = self._fh
         sections = [{"name": "blobs", "offset": PREAMBLE_SIZE, "length": self._blob_bytes,
                      "crc32": self._blob_crc}]
         h = self.arch.hidden_layers
         index = np.concatenate(self._index) if self._index else np.zeros(0, INDEX_DTYPE)
-        scales = np.concatenate(self._scales) if self._scales else np.zeros((0, h), "<f4")
         chunks = np.array(self._chunks, CHUNK_DTYPE) if self._chunks else np.zeros(0, CHUNK_DTYPE)
-        tables = [
-            ("index", index.tobytes()),
-            ("scales", np.ascontiguousarray(scales, "<f4").tobytes()),
-            ("chunks", chunks.tobytes()),
-            ("classes", canonical_json(self.classes)),
-            ("metadata", canonical_json(self.metadata)),
-        ]
+        if self.grid is None:
+            scales = np.concatenate(self._scales) if self._scales else np.zeros((0, h), "<f4")
+            tables = [("index", index.tobytes()), ("scales", np.ascontiguousarray(scales, "<f4").tobytes()),
+                      ("chunks", chunks.tobytes())]
+            weights = {"hidden_dtype": self.hidden_dtype, "float_dtype": self.float_dtype,
+                       "has_masks": self.has_masks}
+            major = 1
+        else:
+            columns = b"".join(np.ascontiguousarray(index[name], dt).tobytes() for name, dt in CODED_INDEX_COLUMNS)
+            tables = [("index", self._cctx.compress(columns)), ("chunks", chunks.tobytes()),
+                      ("quant", self.grid.table().tobytes()),
+                      ("tables", coding.tables_section(self._code_tables))]
+            weights = {"weight_coding": WEIGHT_CODING}
+            major = 2
+        tables += [("classes", canonical_json(self.classes)), ("metadata", canonical_json(self.metadata))]
         if self._keys is not None:
             tables.append(("keys", keys_section(self._keys)))
         if self.prior is not None:
@@ -304,9 +394,7 @@ class InrWriter:
         header = {
             "format": FORMAT_NAME,
             "architecture": self.arch.to_json(),
-            "hidden_dtype": self.hidden_dtype,
-            "float_dtype": self.float_dtype,
-            "has_masks": self.has_masks,
+            **weights,
             "num_images": self._num_images,
             "num_chunks": len(self._chunks),
             "sections": sections,
@@ -318,8 +406,8 @@ class InrWriter:
         fh.write(bytes(header_offset - pos))
         fh.write(header_bytes)
         pre = np.zeros((), PREAMBLE_DTYPE)
-        pre["magic"], pre["major"] = MAGIC, VERSION_MAJOR
-        pre["minor"] = minor_version(name for name, _ in tables)
+        pre["magic"], pre["major"] = MAGIC, major
+        pre["minor"] = minor_version(major, (name for name, _ in tables))
         pre["header_crc32"] = zlib.crc32(header_bytes)
         pre["header_offset"], pre["header_length"] = header_offset, len(header_bytes)
         fh.seek(0)
@@ -332,13 +420,15 @@ class InrWriter:
         os.chmod(self._tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(self._tmp_path, self.path)
         _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        if self._spill is not None:
+            self._spill.close()
 
     def abort(self) -> None:
         """Discard everything written; `path` is left as it was."""
         self._closed = True
-        fh = getattr(self, "_fh", None)
-        if fh is not None and not fh.closed:
-            fh.close()
+        for fh in (getattr(self, "_fh", None), getattr(self, "_spill", None)):
+            if fh is not None and not fh.closed:
+                fh.close()
         tmp = getattr(self, "_tmp_path", None)
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
@@ -384,10 +474,11 @@ def _vector(values, n: int, name: str, dtype, lo=None, hi=None) -> np.ndarray:
 
 
 def merge_files(parts, out, *, metadata=None, inherit_metadata: bool = True, chunk_images: int = 1024) -> None:
-    """Concatenate .inr files (same architecture, dtypes, masks and classes) into `out`, in order, chunked
-    as one InrWriter would chunk the same images (chunk_images per chunk from the first image): a part's
-    chunk that already lies on that grid is copied verbatim (CRC-checked on the way), any other is read and
-    re-chunked, so the result does not depend on how the images were split into parts. Source keys are
+    """Concatenate .inr files (same format, architecture, dtypes or grid, masks, classes and prior) into
+    `out`, in order, chunked as one InrWriter would chunk the same images (chunk_images per chunk from the
+    first image): a format-1 part's chunk that already lies on that grid is copied verbatim (CRC-checked on
+    the way), any other is read and re-chunked, so the result does not depend on how the images were split
+    into parts. Format 2 parts are decoded and coded again with tables fitted over all their images. Source keys are
     carried (a part without keys gives its images empty keys). Metadata: the parts' metadata merged in
     order (a later part's value wins), then `metadata` on top; with inherit_metadata=False only `metadata`.
     Atomic like InrWriter."""
@@ -400,7 +491,7 @@ def merge_files(parts, out, *, metadata=None, inherit_metadata: bool = True, chu
             files.append(InrFile(p))
         first = files[0]
         for f in files[1:]:
-            for attr in ("arch", "hidden_dtype", "float_dtype", "has_masks", "classes"):
+            for attr in ("major", "arch", "grid", "hidden_dtype", "float_dtype", "has_masks", "classes"):
                 if getattr(f, attr) != getattr(first, attr):
                     raise InrUsageError(f"merge: {f.path} is incompatible with {first.path}: {attr} "
                                         f"{getattr(f, attr)!r:.200} != {getattr(first, attr)!r:.200}")
@@ -418,9 +509,10 @@ def merge_files(parts, out, *, metadata=None, inherit_metadata: bool = True, chu
         merged_meta.update(_check_metadata(metadata, "merge: metadata"))
         with_keys = any(f.keys is not None for f in files)
         total = sum(f.num_images for f in files)
-        with InrWriter(out, first.arch, hidden_dtype=first.hidden_dtype, float_dtype=first.float_dtype,
-                       has_masks=first.has_masks, classes=first.classes, metadata=merged_meta,
-                       chunk_images=chunk_images, prior=first.prior) as writer:
+        dtypes = {} if first.coded else dict(hidden_dtype=first.hidden_dtype, float_dtype=first.float_dtype,
+                                             has_masks=first.has_masks)
+        with InrWriter(out, first.arch, classes=first.classes, metadata=merged_meta, chunk_images=chunk_images,
+                       prior=first.prior, grid=first.grid, **dtypes) as writer:
             size = writer.chunk_images
             for f in files:
                 keys = (f.keys if f.keys is not None else [""] * f.num_images) if with_keys else None
@@ -428,7 +520,11 @@ def merge_files(parts, out, *, metadata=None, inherit_metadata: bool = True, chu
                     start, stop = f.chunk_range(k)
                     chunk_keys = keys[start:stop] if with_keys else None
                     done = writer.num_images
-                    if done % size == 0 and (stop - start == size or done + stop - start == total):
+                    if f.coded:  # one set of tables for the whole file: every chunk is coded again
+                        rows = f.index[start:stop]
+                        writer.add_codes(f.read_codes(k), rows["label"], rows["height"], rows["width"],
+                                         rows["psnr"], keys=chunk_keys)
+                    elif done % size == 0 and (stop - start == size or done + stop - start == total):
                         frame, raw_length = f.read_chunk_frame(k)
                         writer.append_chunk(frame, raw_length, int(f.chunks["crc32"][k]), f.index[start:stop],
                                             f.scales[start:stop], keys=chunk_keys)

@@ -518,10 +518,10 @@ def test_empty_and_tiny_files(tmp_path):
 
 def test_newer_major_is_refused_naming_both_versions(valid):
     data = bytearray(open(valid, "rb").read())
-    data[8:10] = (2).to_bytes(2, "little")
+    data[8:10] = (3).to_bytes(2, "little")
     data[10:12] = (3).to_bytes(2, "little")
     open(valid, "wb").write(data)
-    expect_error(valid, "version", "2.3", "1.1", "newer")
+    expect_error(valid, "version", "3.3", "2.0", "newer", "upgrade")
 
 
 def test_major_zero_is_refused(valid):
