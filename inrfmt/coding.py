@@ -7,10 +7,12 @@
 
 Codes are the stored integers q of every parameter (int16 [n, P], spec.param_groups order). A group with
 code width b has unsigned codes u = q + 2^(b-1) in [0, 2^b); its table covers the used ones, symbol
-s = u - first. Encoding uses `constriction` (stack.AnsCoder: 32-bit words, 64-bit state, 24-bit
-frequencies); decoding is this module's own decoder of the same stream, compiled by numba without the GIL
-so that chunks decode in parallel threads. It checks that a message is exactly used up, so every malformed
-stream is rejected in time linear in the chunk's codes and words.
+s = u - first. A chunk's symbols, in order (group by group, image by image), are dealt round-robin to
+LANES independent rANS streams, so a decoder can follow four state chains at once (twice the speed of one
+stream on a CPU). Encoding uses `constriction` (stack.AnsCoder: 32-bit words, 64-bit state, 24-bit
+frequencies); decoding is this module's own decoder of the same streams, compiled by numba without the GIL
+so that chunks decode in parallel threads. It checks that every lane is exactly used up, so a malformed
+message is rejected in time linear in the chunk's codes and words.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ MAX_COUNT = (1 << 32) - 1
 LUT_BITS = 12  # a table's first lookup: the symbol holding each 2^(24-12)-wide slot of quantiles
 CODE_DTYPE = np.dtype(np.int16)
 WORD_DTYPE = np.dtype("<u4")
+LANES = 4  # symbol i of a chunk is coded in lane i % LANES (a power of two: the decoder masks)
 
 
 class CodingError(ValueError):
@@ -183,19 +186,28 @@ def _model(table: CodeTable):
 
 
 def encode_chunk(codes: np.ndarray, grid, tables: Sequence[CodeTable]) -> bytes:
-    """One rANS message holding codes [n, P]: group by group, within a group image by image, each image's
-    group in C order. Little-endian u32 words. ValueError if a code is outside its group's table."""
+    """The message of one chunk holding codes [n, P]: LANES u32 word counts, then each lane's rANS words.
+    Symbol order: group by group, within a group image by image, each image's group in C order; symbol i
+    goes to lane i % LANES. ValueError if a code is outside its group's table."""
     import constriction
 
-    coder = constriction.stream.stack.AnsCoder()
+    coders = [constriction.stream.stack.AnsCoder() for _ in range(LANES)]
     groups = param_groups(grid.arch)
-    for g, b, t in reversed(list(zip(groups, grid.bits, tables))):  # a stack: the last group goes in first
-        s = (_unsigned(codes, g, int(b)) - t.first).astype(np.int32)
+    start = [0]
+    for g in groups:
+        start.append(start[-1] + len(codes) * g.size)
+    for k in reversed(range(len(groups))):  # a stack: the last group goes in first
+        g, b, t = groups[k], int(grid.bits[k]), tables[k]
+        s = (_unsigned(codes, g, b) - t.first).astype(np.int32)
         if s.size and (s.min() < 0 or s.max() >= t.size):
             raise ValueError(f"group {g.name}: a code is outside its table")
-        if s.size:
-            coder.encode_reverse(s, _model(t))
-    return np.asarray(coder.get_compressed(), WORD_DTYPE).tobytes()
+        model = _model(t)
+        for lane, coder in enumerate(coders):
+            mine = s[(lane - start[k]) % LANES::LANES]
+            if mine.size:
+                coder.encode_reverse(mine, model)
+    words = [np.asarray(c.get_compressed(), WORD_DTYPE) for c in coders]
+    return np.array([len(w) for w in words], WORD_DTYPE).tobytes() + b"".join(w.tobytes() for w in words)
 
 
 # -- decoding (numba) -----------------------------------------------------------------------------------
@@ -203,9 +215,10 @@ def encode_chunk(codes: np.ndarray, grid, tables: Sequence[CodeTable]) -> bytes:
 class Decoder:
     """What decode_chunk needs of a file's tables, built once per file."""
 
-    cdf: np.ndarray        # int64: per group K + 1 cumulative frequencies, back to back
+    cdf: np.ndarray        # uint64: per group K + 1 cumulative frequencies, back to back
+    freq: np.ndarray       # uint64: per group K frequencies (+ one unused), aligned with cdf
     cdf_start: np.ndarray  # int64 [G]
-    lut: np.ndarray        # int32 [G, 2^LUT_BITS]: the symbol holding the first quantile of each slot
+    lut: np.ndarray        # int64 [G, 2^LUT_BITS]: the symbol holding the first quantile of each slot
     base: np.ndarray       # int64 [G]: q = symbol + base (first - 2^(b-1))
     offset: np.ndarray     # int64 [G]: the group's first parameter in an image's row
     size: np.ndarray       # int64 [G]: the group's parameters per image
@@ -215,71 +228,89 @@ class Decoder:
     def build(cls, tables: Sequence[CodeTable], grid) -> "Decoder":
         groups = param_groups(grid.arch)
         cdfs = [np.concatenate([[0], np.cumsum(t.freqs)]).astype(np.int64) for t in tables]
+        freqs = [np.concatenate([t.freqs, [0]]).astype(np.uint64) for t in tables]
         starts = np.cumsum([0] + [len(c) for c in cdfs[:-1]]).astype(np.int64)
         slots = np.arange(1 << LUT_BITS, dtype=np.int64) << (PRECISION - LUT_BITS)
-        lut = np.stack([np.searchsorted(c, slots, side="right") - 1 for c in cdfs]).astype(np.int32)
-        return cls(np.concatenate(cdfs), starts, lut,
+        lut = np.stack([np.searchsorted(c, slots, side="right") - 1 for c in cdfs]).astype(np.int64)
+        return cls(np.concatenate(cdfs).astype(np.uint64), np.concatenate(freqs), starts, lut,
                    np.array([t.first - (1 << (int(b) - 1)) for t, b in zip(tables, grid.bits)], np.int64),
                    np.array([g.offset for g in groups], np.int64), np.array([g.size for g in groups], np.int64),
                    grid.arch.params_per_image)
 
 
-_DECODE_PROBLEMS = {1: "the message ends in a zero word", 2: "words are left after the last code",
-                    3: "the coder's final state is not 0 (a corrupt or mismatched message)"}
+_DECODE_PROBLEMS = {1: "a lane ends in a zero word", 2: "words are left in a lane after the last code",
+                    3: "a lane's final state is not 0 (a corrupt or mismatched message)"}
 
 
-def decode_chunk(words: bytes, decoder: Decoder, out: np.ndarray) -> None:
-    """Decode one chunk's rANS message into out (int16 [n, P], C-contiguous), checking that the message is
-    used up exactly (no words left, final state 0); CodingError otherwise. Releases the GIL."""
-    if len(words) % 4:
-        raise CodingError(f"the message is {len(words)} bytes, not a whole number of 4-byte words")
+def decode_chunk(message: bytes, decoder: Decoder, out: np.ndarray) -> None:
+    """Decode one chunk's message into out (int16 [n, P], C-contiguous), checking the lane table and that
+    every lane is used up exactly (no words left, final state 0); CodingError otherwise. Releases the GIL."""
     if out.dtype != CODE_DTYPE or not out.flags.c_contiguous or out.ndim != 2 or out.shape[1] != decoder.params:
         raise ValueError("decode_chunk: out must be a C-contiguous int16 [n, P] array")
-    rc = _decode_kernel()(np.frombuffer(words, WORD_DTYPE), out.shape[0], decoder.params, decoder.cdf,
+    if len(message) % 4 or len(message) < 4 * LANES:
+        raise CodingError(f"the message is {len(message)} bytes, not {LANES} word counts and whole 4-byte words")
+    words = np.frombuffer(message, WORD_DTYPE)
+    counts = words[:LANES].astype(np.int64)
+    if int(counts.sum()) != len(words) - LANES:
+        raise CodingError(f"the lanes' word counts {counts.tolist()} do not add up to the message's "
+                          f"{len(words) - LANES} words")
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64) + LANES
+    rc = _decode_kernel()(words, bounds, out.shape[0], decoder.params, decoder.cdf, decoder.freq,
                           decoder.cdf_start, decoder.lut, decoder.base, decoder.offset, decoder.size,
                           out.reshape(-1))
     if rc:
         raise CodingError(_DECODE_PROBLEMS[rc])
 
 
-def _decode(words, n, params, cdf, cdf_start, lut, base, offset, size, out):
-    """The rANS decoder (FORMAT.md part II), compiled by numba; returns 0 or a _DECODE_PROBLEMS key."""
-    pos = words.shape[0]
-    state = np.uint64(0)
-    if pos > 0:
-        if words[pos - 1] == 0:
-            return 1
-        pos -= 1
-        state = np.uint64(words[pos])
-        if pos > 0:
-            pos -= 1
-            state = (state << np.uint64(32)) | np.uint64(words[pos])
+def _decode(words, bounds, n, params, cdf, freq, cdf_start, lut, base, offset, size, out):
+    """The rANS decoder (FORMAT.md part II), compiled by numba; returns 0 or a _DECODE_PROBLEMS key.
+    Lane l's words are words[bounds[l]:bounds[l + 1]], read as a stack from the end."""
+    lanes = bounds.shape[0] - 1
+    state = np.zeros(lanes, np.uint64)
+    pos = np.zeros(lanes, np.int64)
+    for lane in range(lanes):
+        lo, p = bounds[lane], bounds[lane + 1]
+        if p > lo:
+            if words[p - 1] == 0:
+                return 1
+            p -= 1
+            state[lane] = np.uint64(words[p])
+            if p > lo:
+                p -= 1
+                state[lane] = (state[lane] << np.uint64(32)) | np.uint64(words[p])
+        pos[lane] = p
     mask = np.uint64(TOTAL - 1)
     low = np.uint64(1) << np.uint64(32)
     precision = np.uint64(PRECISION)
-    shift = PRECISION - LUT_BITS
+    shift = np.uint64(PRECISION - LUT_BITS)
+    i = 0
     for g in range(offset.shape[0]):
         c0 = cdf_start[g]
         q0 = base[g]
         off = offset[g]
         count = size[g]
-        for i in range(n):
-            row = i * params + off
+        lut_g = lut[g]
+        for image in range(n):
+            row = image * params + off
             for e in range(count):
-                quantile = np.int64(state & mask)
-                s = np.int64(lut[g, quantile >> shift])
+                lane = i & (LANES - 1)  # consecutive symbols in different lanes: independent chains overlap
+                x = state[lane]
+                quantile = x & mask
+                s = np.int64(lut_g[quantile >> shift])
                 while cdf[c0 + s + 1] <= quantile:
                     s += 1
-                lo = cdf[c0 + s]
-                state = (state >> precision) * np.uint64(cdf[c0 + s + 1] - lo) + np.uint64(quantile - lo)
-                if state < low and pos > 0:
-                    pos -= 1
-                    state = (state << np.uint64(32)) | np.uint64(words[pos])
+                x = (x >> precision) * freq[c0 + s] + quantile - cdf[c0 + s]
+                if x < low and pos[lane] > bounds[lane]:
+                    pos[lane] -= 1
+                    x = (x << np.uint64(32)) | np.uint64(words[pos[lane]])
+                state[lane] = x
                 out[row + e] = s + q0
-    if pos != 0:
-        return 2
-    if state != 0:
-        return 3
+                i += 1
+    for lane in range(lanes):
+        if pos[lane] != bounds[lane]:
+            return 2
+        if state[lane] != 0:
+            return 3
     return 0
 
 

@@ -86,7 +86,7 @@ assert CHUNK_DTYPE.itemsize == 40
 
 
 # -- format 2: every parameter quantized and entropy-coded (FORMAT.md part II) ---------------------------
-WEIGHT_CODING = "rans32-p24"  # header.weight_coding: 32-bit words, 64-bit state, 24-bit frequencies
+WEIGHT_CODING = "rans32-p24-x4"  # header.weight_coding: rANS, 32-bit words, 24-bit frequencies, 4 lanes
 # Section `index` of format 2: these columns one after another (N values each), in one zstd frame.
 CODED_INDEX_COLUMNS = (("label", np.dtype("<i4")), ("height", np.dtype("<u4")), ("width", np.dtype("<u4")),
                        ("psnr", np.dtype("<f4")))
