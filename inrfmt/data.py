@@ -40,8 +40,10 @@ def open(path, device=None, *, bank_layout="auto", size=None, transform=None,  #
     """Validate the .inr file at `path` and upload it to `device` (None: cuda if available, else cpu).
 
     bank_layout: how the hidden weights are held on the device - "dense" (fastest decode), "compact" (the
-    file's kept values and bitmaps; a batch is expanded before decoding) or "auto" (dense unless that costs
-    more than 1.1x the file's bytes; see inrfmt.bank). size, transform, target_transform: see InrDataset."""
+    file's kept values and bitmaps; a batch is expanded before decoding), "coded" (a format 2 file's packed
+    codes; a batch is dequantized before decoding) or "auto" (coded for a format 2 file, else dense unless
+    that costs more than 1.1x the file's bytes; see inrfmt.bank). size, transform, target_transform: see
+    InrDataset."""
     return InrDataset(path, device=device, bank_layout=bank_layout, size=size, transform=transform,
                       target_transform=target_transform)
 

@@ -6,6 +6,7 @@ numpy and the standard library only, so the format can be read and written anywh
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -128,6 +129,7 @@ class ParamGroup:
         return self.offset + self.size
 
 
+@functools.lru_cache(maxsize=64)  # called per decoded batch: building the tuple costs more than the lookup
 def param_groups(arch: "Architecture") -> tuple[ParamGroup, ...]:
     """The groups of format 2 in their normative order: first_w, first_b, then hidden_w.l, hidden_b.l for
     each hidden layer l, then last_w, last_b."""

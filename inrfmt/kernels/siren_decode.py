@@ -40,6 +40,13 @@ NaN propagation matches the torch reference (a NaN weight or theta gives NaN pix
 the clamp included. An out-of-range image index (possible only for device-side indices, which are not
 range-checked on the host) decodes to NaN.
 
+A coded bank (format 2: every parameter a packed low-bit code, inrfmt.bank) is decoded in two launches:
+`_dequant_codes_kernel` unpacks the batch's codes straight from the bank and writes their float32 values
+theta0 + step * q into a per-batch scratch laid out as a dense float32 bank of the batch (hidden_scale 1;
+compiled without FMA contraction, so the values are bit-identical to grid.values), then the decode kernel
+runs on that scratch unchanged, indexed by batch position (so it shares the float32 bank's compiled kernel
+and its MACs per pixel).
+
 Nets too large to stage (more than MAX_STAGED_LAYERS hidden layers, or more than MAX_STAGED_BYTES of staged
 weights) run the same kernel with STAGED=False: a dynamic layer loop that stages each layer per tile.
 Widths above MAX_PADDED_WIDTH are not supported (decode_triton raises; the default backend is then torch).
@@ -61,6 +68,7 @@ import triton.language as tl
 from ..decode_args import parse_size, pixel_stride, prepare_indices, prepare_out, prepare_theta
 from ..device import triton_interpreted
 from ..errors import InrUsageError
+from ..spec import PARAM_CLASSES, param_groups
 
 MIN_DOT = 16  # smallest tl.dot dimension
 MMA_COLUMNS = 8  # tensor-core accumulator columns per register group (sm_80 mma.sync and sm_90 wgmma)
@@ -294,6 +302,33 @@ def _expand_hidden_kernel(idx_ptr, masks_ptr, offsets_ptr, values_ptr, out_ptr, 
         taken += count
 
 
+def _dequant_codes_kernel(idx_ptr, codes_ptr, word_ptr, unpack_ptr, step_ptr, theta0_ptr, dest_ptr, out_ptr,
+                          num_images, words_per_image, num_params, batch, invalid_value, BLOCK: tl.constexpr):
+    """Program (b, j): parameters [j * BLOCK, (j + 1) * BLOCK) of image idx[b] of a coded bank, decoded as
+    grid.values does (float32 product step * q, then + theta0) and stored at their place in the scratch:
+    out[dest_base[p] * batch + b * dest_size[p] + dest_within[p]] (dest_ptr: int32 [3, P]), i.e. field by
+    field, each field [batch, *shape] contiguous. An out-of-range image index gives `invalid_value` (NaN)."""
+    b = tl.program_id(0)
+    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = p < num_params
+    img = tl.load(idx_ptr + b).to(tl.int64)
+    valid = (img >= 0) & (img < num_images)
+    img = tl.where(valid, img, 0)
+    word = tl.load(word_ptr + p, mask=live, other=0)
+    shift = tl.load(unpack_ptr + p, mask=live, other=0)
+    lane = tl.load(unpack_ptr + num_params + p, mask=live, other=0)
+    half = tl.load(unpack_ptr + 2 * num_params + p, mask=live, other=0)
+    packed = tl.load(codes_ptr + img * words_per_image + word, mask=live, other=0)
+    q = ((packed >> shift) & lane) - half  # int32: an arithmetic shift, then the lane's bits
+    value = q.to(tl.float32) * tl.load(step_ptr + p, mask=live, other=0.0)
+    value = value + tl.load(theta0_ptr + p, mask=live, other=0.0)
+    value = tl.where(valid, value, invalid_value)
+    base = tl.load(dest_ptr + p, mask=live, other=0).to(tl.int64)
+    size = tl.load(dest_ptr + num_params + p, mask=live, other=0).to(tl.int64)
+    within = tl.load(dest_ptr + 2 * num_params + p, mask=live, other=0).to(tl.int64)
+    tl.store(out_ptr + (base * batch + b.to(tl.int64) * size + within), value, mask=live)
+
+
 # Integer arguments that change with the output size, the batch or out's layout: not specialized on (16-
 # divisibility, == 1), so decoding another size or layout reuses the compiled kernel. Pointers are not
 # specialized on 16-byte alignment either: the kernel's loads and stores are element-wise, and a binary that
@@ -305,6 +340,10 @@ DECODE_POINTERS = ("idx_ptr", "theta_ptr", "out_ptr", "first_w_ptr", "first_b_pt
 # The same for the compact bank's expansion kernel, whose plan is keyed without the bank's image count.
 EXPAND_RUNTIME_INTS = ("num_images", "mask_row_bytes")
 EXPAND_POINTERS = ("idx_ptr", "masks_ptr", "offsets_ptr", "values_ptr", "out_ptr")
+# And for the coded bank's dequantization kernel: its plan is keyed by the block size alone.
+DEQUANT_RUNTIME_INTS = ("num_images", "words_per_image", "num_params", "batch")
+DEQUANT_POINTERS = ("idx_ptr", "codes_ptr", "word_ptr", "unpack_ptr", "step_ptr", "theta0_ptr", "dest_ptr",
+                    "out_ptr")
 
 
 class _Jitted(NamedTuple):
@@ -313,6 +352,7 @@ class _Jitted(NamedTuple):
     stage: object
     expand: object
     add: object
+    dequant: object
 
 
 @functools.lru_cache(maxsize=2)
@@ -327,7 +367,9 @@ def _jitted(interpret: bool) -> _Jitted:
                    stage=_stage_hidden_layer if interpret else triton.jit(_stage_hidden_layer),
                    expand=triton.jit(_expand_hidden_kernel, do_not_specialize=EXPAND_RUNTIME_INTS,
                                      do_not_specialize_on_alignment=EXPAND_POINTERS),
-                   add=triton.jit(_add) if interpret else None)
+                   add=triton.jit(_add) if interpret else None,
+                   dequant=triton.jit(_dequant_codes_kernel, do_not_specialize=DEQUANT_RUNTIME_INTS,
+                                      do_not_specialize_on_alignment=DEQUANT_POINTERS))
 
 
 def padded_width(width: int) -> int:
@@ -488,6 +530,67 @@ def expand_hidden(bank, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
+DEQUANT_BLOCK = 1024  # parameters per program of the dequantization kernel
+_BANK_WEIGHTS = ("first_w", "first_b", "hidden_scale", "hidden_b", "last_w", "last_b")
+
+
+def _dequant_plan(key, device, interpret, block) -> _Plan:
+    # No FMA contraction: value = float32(step * q) + theta0 rounds twice, exactly as grid.values does.
+    plan = _Plan(device, interpret, _jitted(interpret).dequant, dict(BLOCK=block),
+                 {"num_warps": 4, "enable_fp_fusion": False})
+    _PLANS[key] = plan
+    return plan
+
+
+@functools.lru_cache(maxsize=16)
+def _scratch_destinations(arch, device) -> torch.Tensor:
+    """int32 [3, P] for _dequant_codes_kernel: per parameter (in group order) the per-image offset of its
+    field's start in the scratch (fields in spec.PARAM_CLASSES order, each [batch, *shape]), the field's
+    per-image size, and the parameter's offset within its image's part of the field."""
+    shapes = arch.shapes()
+    sizes = {cls: math.prod(shape) for cls, shape in shapes.items()}
+    starts, at = {}, 0
+    for cls in PARAM_CLASSES:
+        starts[cls] = at
+        at += sizes[cls]
+    table = torch.empty((3, arch.params_per_image), dtype=torch.int32)
+    for g in param_groups(arch):
+        within = torch.arange(g.size, dtype=torch.int32) + (g.layer or 0) * g.size
+        table[0, g.offset:g.stop] = starts[g.cls]
+        table[1, g.offset:g.stop] = sizes[g.cls]
+        table[2, g.offset:g.stop] = within
+    return table.to(device)
+
+
+def dequantize_codes(bank, idx: torch.Tensor) -> dict:
+    """The float32 parameters of images `idx` (int64 on the bank's device) of a coded bank, as the seven
+    tensors of a dense float32 bank of the batch (first_w [B,W,2], ..., hidden_scale ones [B,H]), each
+    contiguous, all views of one new buffer; values bit-identical to bank.values(idx). One launch of
+    (B, ceil(P / BLOCK)) programs; no host synchronization. An out-of-range index gives NaN parameters."""
+    arch, device = bank.arch, bank.codes.device
+    batch, p = idx.numel(), arch.params_per_image
+    h = arch.hidden_layers
+    buffer = torch.empty((batch * (p + h),), dtype=torch.float32, device=device)
+    fields, at = {}, 0
+    shapes = arch.shapes()
+    for cls in PARAM_CLASSES:
+        shape = shapes[cls]
+        size = batch * math.prod(shape)
+        fields[cls] = buffer[at:at + size].view(batch, *shape)
+        at += size
+    fields["hidden_scale"] = buffer[at:].view(batch, h).fill_(1.0)
+    if batch == 0:
+        return fields
+    interpret = triton_interpreted()
+    block = min(DEQUANT_BLOCK, triton.next_power_of_2(p))
+    key = ("dequant", device, interpret, block)
+    plan = _PLANS.get(key) or _dequant_plan(key, device, interpret, block)
+    plan.launch((batch, -(-p // block), 1), (
+        idx, bank.codes, bank.code_word, bank.code_unpack, bank.grid.per_param(device)[0], bank.theta0,
+        _scratch_destinations(arch, device), buffer, bank.num_images, bank.codes.shape[1], p, batch, math.nan))
+    return fields
+
+
 def check_device(device: torch.device, interpret: bool | None = None) -> None:
     """Raise InrUsageError unless the kernels can run on `device`: CUDA, or anything under TRITON_INTERPRET."""
     if device.type != "cuda" and not (triton_interpreted() if interpret is None else interpret):
@@ -523,11 +626,13 @@ def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.floa
     captured in a CUDA graph after one warm-up call, and replays read the current contents of `indices`,
     `theta` and the bank. A compact bank's call also expands the batch's weights into a [B,H,W,W]
     temporary (one more launch, no synchronization; under capture it comes from the graph's memory pool).
+    A coded bank's call likewise dequantizes the batch's parameters into a float32 scratch of B * (P + H)
+    values (dequantize_codes) and decodes from it by batch position (a [B] arange, also allocated).
     Host-side indices or theta are checked and copied to the device, which synchronizes. README.md gives
     the measured per-call costs.
     """
     interpret = triton_interpreted()
-    device = bank.first_w.device
+    device = bank.device
     check_device(device, interpret)
     if fast_sin is None:
         fast_sin = not interpret
@@ -550,10 +655,18 @@ def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.floa
         raise InrUsageError(f"out's strides {list(out.stride())} are too large for the triton decoder's 32-bit "
                             "offsets; use a contiguous or channels_last out")
     arch = bank.arch
+    coded = bank.codes is not None
     hidden = bank.hidden_w
-    by_batch = hidden is None
+    by_batch = hidden is None and not coded
+    if coded:  # the batch's dequantized weights (a scratch), read by batch position: a dense float32 "bank"
+        weights = dequantize_codes(bank, idx)
+        hidden, num_images = weights["hidden_w"], batch
+        idx = torch.arange(batch, device=device)
+    else:
+        weights = {name: getattr(bank, name) for name in _BANK_WEIGHTS}
+        num_images = bank.num_images
     key = (device, interpret, arch.width, arch.hidden_layers, theta is not None, fast_sin, range_reduce, fp16_dot,
-           by_batch, block_pixels, num_warps, bank.first_w.dtype,
+           by_batch, block_pixels, num_warps, weights["first_w"].dtype,
            (bank.hidden_values if by_batch else hidden).dtype, out.dtype)
     plan = _PLANS.get(key) or _decode_plan(key, device, interpret, arch, theta is not None, bool(fast_sin),
                                            bool(range_reduce), bool(fp16_dot), by_batch, block_pixels, num_warps)
@@ -568,7 +681,8 @@ def decode_triton(bank, indices, size, theta=None, *, out=None, dtype=torch.floa
         hidden = expand_hidden(bank, idx)
     plan.launch((batch * groups, 1, 1), (
         idx, idx if theta is None else theta, out,
-        bank.first_w, bank.first_b, hidden, bank.hidden_scale, bank.hidden_b, bank.last_w, bank.last_b,
-        bank.num_images, npix, w, tiles, groups, per_program, stride_ob, stride_oc, stride_op,
+        weights["first_w"], weights["first_b"], hidden, weights["hidden_scale"], weights["hidden_b"],
+        weights["last_w"], weights["last_b"],
+        num_images, npix, w, tiles, groups, per_program, stride_ob, stride_oc, stride_op,
         1.0 / h, 1.0 / w, arch.first_w0, arch.w0, math.nan))
     return out
