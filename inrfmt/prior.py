@@ -10,7 +10,6 @@ numpy and the standard library only, so the reader can validate a file's `prior`
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import zlib
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InrFormatError, InrUsageError
-from .spec import Architecture, architecture_problem, canonical_json
+from .spec import Architecture, architecture_problem, canonical_json, parse_json
 
 PRIOR_MAGIC = b"\x89INP\r\n\x1a\n"
 PRIOR_FORMAT = "inr-prior"
@@ -122,12 +121,12 @@ class Prior:
             fail("header_length", f"{header_length} is not a multiple of 4 within the {len(body)} bytes after the "
                                   f"preamble (cap {MAX_PRIOR_HEADER})")
         try:
-            header = json.loads(body[:header_length].decode("utf-8"))
+            header = parse_json(body[:header_length])
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             fail("header", f"not valid UTF-8 JSON ({type(e).__name__})")
         if not isinstance(header, dict) or header.get("format") != PRIOR_FORMAT:
             fail("header.format", f"must be {PRIOR_FORMAT!r}")
-        arch_json, names, name = header.get("architecture"), header.get("arrays"), header.get("name", "")
+        arch_json, names, name = header.get("architecture"), header.get("arrays"), header.get("name")
         if not isinstance(arch_json, dict):
             fail("header.architecture", "missing or not an object")
         values = {}

@@ -8,7 +8,6 @@ bank) goes through. numpy, zstandard and the standard library only.
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import struct
@@ -27,7 +26,7 @@ from .spec import (ALIGNMENT, CHECKED_AT_OPEN, CHUNK_DTYPE, CODE_BYTES, CODED_IN
                    KEY_OFFSET_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_HEADER_BYTES, OPTIONAL_SECTIONS, OUT_FEATURES,
                    OUTPUT_LAYER, OUTPUT_MAPPING, PREAMBLE_DTYPE, PREAMBLE_SIZE, QUANT_DTYPE, REQUIRED_SECTIONS,
                    VERSION_MAJOR, VERSION_MINOR, WEIGHT_CODING, Architecture, WeightBatch, align,
-                   architecture_problem, chunk_payload_layout, flatten_params, param_groups, payload_bytes,
+                   architecture_problem, chunk_payload_layout, flatten_params, param_groups, parse_json, payload_bytes,
                    prune_ratio_of, unflatten_params)
 
 # Set bits of every byte value: a bitmap's kept-weight count without unpacking it.
@@ -146,7 +145,7 @@ class InrFile:
 
     def _parse_json(self, raw: bytes, field: str):
         try:
-            return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+            return parse_json(raw)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             self._fail(field, f"not valid UTF-8 JSON ({type(e).__name__}: {str(e)[:200]})")
 
@@ -269,7 +268,7 @@ class InrFile:
         # Sizes against num_images / architecture.
         expect = {"chunks": self.num_chunks * CHUNK_DTYPE.itemsize}
         if self.coded:
-            expect["quant"] = len(param_groups(a)) * QUANT_DTYPE.itemsize
+            expect.update({"quant": len(param_groups(a)) * QUANT_DTYPE.itemsize, "psnr": n * 4})
         else:
             expect.update({"index": n * INDEX_DTYPE.itemsize, "scales": n * a.hidden_layers * 4})
         for name, want in expect.items():
@@ -327,10 +326,11 @@ class InrFile:
         # What format 1 stores per image follows from the chunk table: nothing is pruned.
         total = self.arch.hidden_total
         counts = np.frombuffer(self._section_bytes("chunks"), CHUNK_DTYPE)["image_count"].astype(np.int64)
-        if int(counts.sum()) == n:
+        if n and int(counts.sum()) == n:  # else the chunk table check refuses the file
             index["chunk"] = np.repeat(np.arange(len(counts)), counts)
             first = np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
             index["value_start"] = (np.arange(n) - first) * total
+        index["psnr"] = np.frombuffer(self._section_bytes("psnr"), "<f4", count=n)
         index["nnz"] = total
         self.index = index
 
@@ -435,8 +435,8 @@ class InrFile:
         self._reject(raw > MAX_CHUNK_RAW_BYTES, lambda k: (
             f"chunks[{k}].raw_length", f"{int(raw[k])} exceeds {MAX_CHUNK_RAW_BYTES}"))
         if self.coded:
-            self._reject(clen % 4 != 0, lambda k: (
-                f"chunks[{k}].compressed_length", f"{int(clen[k])} is not a whole number of 4-byte words"))
+            self._reject((clen % 4 != 0) | (clen < 16), lambda k: (
+                f"chunks[{k}].compressed_length", f"{int(clen[k])} is not 4 lane counts and whole 4-byte words"))
             want = count * self.arch.params_per_image * CODE_BYTES
             self._reject(raw != want.astype(np.uint64), lambda k: (
                 f"chunks[{k}].raw_length", f"{int(raw[k])} but its {int(count[k])} images have "
@@ -681,18 +681,6 @@ class InrFile:
         weights = "coded" if self.coded else f"hidden={self.hidden_dtype}"
         return (f"InrFile({self.path!r}, version={self.version[0]}.{self.version[1]}, images={self.num_images}, "
                 f"arch={self.arch.sine_layers}x{self.arch.width}, {weights})")
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not allowed in JSON")
-
-
-def _unique_keys(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"duplicate key {dup!r:.80}")
-    return dict(pairs)
 
 
 def _decompress_exact(frame: bytes, raw_length: int, fail) -> bytes:

@@ -40,7 +40,7 @@ OUTPUT_LAYER = "linear"
 # Sections every file of a major version has, and those of them whose CRC-32 a reader checks at open (all
 # small); `blobs` is checked per chunk on read.
 REQUIRED_SECTIONS = {1: ("blobs", "index", "scales", "chunks", "classes", "metadata"),
-                     2: ("blobs", "index", "chunks", "quant", "tables", "classes", "metadata")}
+                     2: ("blobs", "index", "psnr", "chunks", "quant", "tables", "classes", "metadata")}
 CHECKED_AT_OPEN = {major: tuple(n for n in names if n != "blobs") for major, names in REQUIRED_SECTIONS.items()}
 # Optional sections of each major version, with the minor version that defines each. A reader validates
 # (CRC-32 included) and uses one only in files of that minor version or newer; in older files the name is
@@ -88,9 +88,10 @@ assert CHUNK_DTYPE.itemsize == 40
 
 # -- format 2: every parameter quantized and entropy-coded (FORMAT.md part II) ---------------------------
 WEIGHT_CODING = "rans32-p24-x4"  # header.weight_coding: rANS, 32-bit words, 24-bit frequencies, 4 lanes
-# Section `index` of format 2: these columns one after another (N values each), in one zstd frame.
-CODED_INDEX_COLUMNS = (("label", np.dtype("<i4")), ("height", np.dtype("<u4")), ("width", np.dtype("<u4")),
-                       ("psnr", np.dtype("<f4")))
+# Section `index` of format 2: these columns one after another (N values each), in one zstd frame. Each
+# image's PSNR is a raw f32 in section `psnr`, which also makes the file hold >= 4 bytes per image, so that
+# what a reader allocates for N stays proportional to the file's size.
+CODED_INDEX_COLUMNS = (("label", np.dtype("<i4")), ("height", np.dtype("<u4")), ("width", np.dtype("<u4")))
 CODED_INDEX_ROW_BYTES = sum(dt.itemsize for _, dt in CODED_INDEX_COLUMNS)
 CODE_BYTES = 2  # a decoded code is an int16: chunks' raw_length = image_count * P * CODE_BYTES
 # Parameter classes of format 2: a group is one class's tensor (one per hidden layer for the hidden ones).
@@ -207,6 +208,24 @@ def minor_version(major: int, section_names) -> int:
 def align(n: int) -> int:
     """The smallest multiple of ALIGNMENT that is >= n."""
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def parse_json(raw: bytes):
+    """Strict JSON (FORMAT.md rule 3): UTF-8, no NaN/Infinity, no repeated key in any object. ValueError
+    (or UnicodeDecodeError, RecursionError) otherwise."""
+    return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {dup!r:.80}")
+    return dict(pairs)
 
 
 def canonical_json(obj) -> bytes:

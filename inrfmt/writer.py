@@ -374,7 +374,8 @@ class InrWriter:
             major = 1
         else:
             columns = b"".join(np.ascontiguousarray(index[name], dt).tobytes() for name, dt in CODED_INDEX_COLUMNS)
-            tables = [("index", self._cctx.compress(columns)), ("chunks", chunks.tobytes()),
+            tables = [("index", self._cctx.compress(columns)),
+                      ("psnr", np.ascontiguousarray(index["psnr"], "<f4").tobytes()), ("chunks", chunks.tobytes()),
                       ("quant", self.grid.table().tobytes()),
                       ("tables", coding.tables_section(self._code_tables))]
             weights = {"weight_coding": WEIGHT_CODING}

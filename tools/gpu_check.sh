@@ -3,9 +3,11 @@
 #
 #   tools/gpu_check.sh            # from the repository root (or anywhere: it cd's there)
 #
-# The GPU image it expects: Python 3.12, torch 2.11 built for CUDA 13, triton 3.6, pytest-xdist, and no
-# zstandard, which the reader needs: carry its wheel in .whl/ (it is installed into /tmp/site first):
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl zstandard
+# The GPU image it expects: Python 3.12, torch 2.11 built for CUDA 13, triton 3.6, pytest-xdist, and none of
+# zstandard, constriction, numba and llvmlite, which the reader and format 2 need: carry their wheels in
+# .whl/ (they are installed into /tmp/site first):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#       zstandard constriction numba llvmlite
 # and name .whl in the device call's carry. env.txt's lines go to the log; a version that differs is logged
 # as a warning (the static figures of BENCHMARKS.md were made with that triton).
 #
