@@ -35,7 +35,7 @@ _CONVERT_OPTIONS = {
     "preset": str, "steps": int, "batch_size": int, "device": str, "seed": int, "max_side": int, "shard": str,
     "no_prune": lambda v: not v, "quant": int, "float_dtype": str, "reproducible": bool, "h5_images": str,
     "h5_labels": str, "pixel_fraction": float, "jitter": float, "tf32": bool, "torch_compile": bool,
-    "prior": str,
+    "prior": str, "bits": str,
 }
 
 
@@ -66,6 +66,14 @@ def _saved_convert_options(ctx: click.Context, paths: tuple[str, ...], given: di
         have = saved[key]
         if key == "device":
             same = _device_type(wanted) == have
+        elif key == "preset" and wanted == "auto":  # what auto picks for the saved source
+            from .conversion import auto_preset
+            from .sources import open_source
+
+            source = open_source(saved["src"], h5_images=saved["h5_images"], h5_labels=saved["h5_labels"])
+            same = auto_preset(source, saved["max_side"])[0] == have
+        elif key == "bits":
+            same = PRESETS[saved["preset"]].code_widths(wanted) == have
         elif key == "shard":
             same = parse_shard(wanted) == parse_shard(have)
         elif key == "prior":
@@ -86,8 +94,10 @@ def _saved_convert_options(ctx: click.Context, paths: tuple[str, ...], given: di
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, metavar="[SRC] OUT")
-@click.option("--preset", default="fast", show_default=True, metavar="NAME",
-              help="Network and schedule: fast, rapid-inr-cifar10, rapid-inr-flowers102, rapid-inr-mini-imagenet.")
+@click.option("--preset", default="auto", show_default=True, metavar="NAME",
+              help="Network, schedule and storage: small (images up to 64x64) or large (bigger ones), which code "
+                   "every parameter (format 2); fast, rapid-inr-cifar10, rapid-inr-flowers102, "
+                   "rapid-inr-mini-imagenet (format 1). auto: small or large by the longest side of a sample of SRC.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Steps of the first fitting round; later rounds scale by the same factor.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images fitted at once.")
@@ -106,11 +116,16 @@ def _saved_convert_options(ctx: click.Context, paths: tuple[str, ...], given: di
               help="Encode only shard K of N (K counts from 0; an equal share of the images) into OUT as a part "
                    "file; join parts with `inrfmt merge`.")
 @click.option("--no-prune", is_flag=True, help="Skip the pruning rounds.")
-@click.option("--quant", type=click.Choice(["8", "16", "32"]), default="8", show_default=True,
-              help="Bits of the hidden-layer weights: 8 = int8 with a per-image per-layer scale, 16/32 = float.")
-@click.option("--float-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Storage of the first/last layers and biases: float32 (the paper's full precision) or float16 "
-                   "(smaller files; the recorded PSNR is that of the stored model).")
+@click.option("--quant", type=click.Choice(["8", "16", "32"]), default=None,
+              help="Format-1 presets: bits of the hidden-layer weights: 8 (default) = int8 with a per-image "
+                   "per-layer scale, 16/32 = float.")
+@click.option("--float-dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="Format-1 presets: storage of the first/last layers and biases: float32 (default, the paper's "
+                   "full precision) or float16 (smaller files; the recorded PSNR is that of the stored model).")
+@click.option("--bits", default=None, metavar="N|CLASS=N,...",
+              help="Coded presets (small, large): code widths. N sets the hidden weights' (each extra bit halves "
+                   "their step: better quality, bigger file); CLASS=N,... sets those of first_w, first_b, "
+                   "hidden_w, hidden_b, last_w, last_b. Default: the preset's.")
 @click.option("--reproducible", is_flag=True,
               help="Leave timing and host details out of the metadata, so reruns are byte-identical.")
 @click.option("--h5-images", default=None, metavar="KEY",
@@ -173,7 +188,8 @@ def convert(ctx, paths, overwrite, resume, on_error, quiet, **options):
         psnr = f", mean PSNR {summary['psnr_mean']:.2f} dB" if n else ""
         learned = (f"; learning the prior took {summary['prior_seconds']:.1f} s"
                    if summary.get("prior_seconds") else "")
-        click.echo(f"wrote {summary['out']}: {n} image{'s' if n != 1 else ''}{psnr}, "
+        preset = f" (preset {summary['preset']})" if summary.get("preset") else ""
+        click.echo(f"wrote {summary['out']}{preset}: {n} image{'s' if n != 1 else ''}{psnr}, "
                    f"{summary.get('skipped', 0)} skipped{learned}", err=True)
 
 
@@ -247,13 +263,20 @@ def describe(inr, per_image: bool = False) -> dict:
                  "min": stat(np.min, psnr), "max": stat(np.max, psnr)},
         "prune_ratio": {"mean": stat(np.mean, ratio), "histogram": prune_histogram(ratio)},
         "quantization": {"hidden_dtype": inr.hidden_dtype, "float_dtype": inr.float_dtype,
-                         "pruning_masks": bool(inr.has_masks)},
+                         "pruning_masks": bool(inr.has_masks), "coded": bool(getattr(inr, "coded", False))},
         "prior": None if inr.prior is None else {"name": inr.prior.name, "bytes": len(inr.prior.to_bytes()),
                                                   "lr_scale": inr.prior.lr_scale is not None},
         "skipped": skipped,
         "unread": unread,
         "metadata": metadata,
     }
+    if doc["quantization"]["coded"]:  # format 2: every parameter a code on the file's grid
+        from .spec import param_groups
+
+        grid = inr.grid
+        doc["quantization"]["groups"] = [{"name": g.name, "bits": int(b), "step": float(st), "wrapped": bool(wr)}
+                                         for g, b, st, wr in zip(param_groups(arch), grid.bits, grid.steps,
+                                                                 grid.wrapped)]
     if per_image:
         keys = inr.keys or [""] * n
         doc["images"] = [{"index": i, "label": int(r["label"]), "height": int(r["height"]),
@@ -274,6 +297,9 @@ def _print_info(doc: dict) -> None:
          if classes else "none (unlabelled)"),
         ("network", f"{a['sine_layers']} sine layers x {a['width']} + linear output, w0 {a['w0']:g} "
                     f"(first {a['first_w0']:g}), {a['params_per_image']} params/image"),
+        ("weights", "every parameter an entropy-coded integer; code bits " + ", ".join(
+            dict.fromkeys(f"{g['name'].split('.')[0]} {g['bits']}" for g in q["groups"])))
+        if q["coded"] else
         ("hidden weights", f"{q['hidden_dtype']}" + (", pruned (bitmaps)" if q["pruning_masks"] else "")
          + f"; first/last layers and biases {q['float_dtype']}"),
         ("file size", f"{doc['file_bytes']:,} bytes" + (f", {doc['bytes_per_image']:,.1f} bytes/image" if n else "")),

@@ -14,10 +14,17 @@ Every image is fitted from a random start or from a learned prior (`prior=`): th
 one learned first on a sample of SRC (kept in the work directory, so a resume does not learn it again), or
 a prior file. The prior is stored in OUT (format 1.1 `prior` section).
 
+The coded presets (`small`, `large`; `Preset.coded`) write format 2.0: every batch is fitted with
+quantization-aware training on the preset's code grid (`bits=` overrides code widths) and its integer codes
+go into the part file; the final merge fits one probability table per parameter group over all images.
+They do not prune. `preset="auto"` picks `small` or `large` from the longest side of a sample of SRC
+(`auto_preset`).
+
 Metadata (all strings): encoder, preset, steps (round 1), schedule, seed, source, source_kind, device,
-batch_size, max_side, pixel_fraction, jitter, tf32, prune, prune_rule, quant, prior (unless none),
-torch_version, skipped, unread (unread_count when more files than it names); and unless `reproducible`: created,
-device_name, img_steps, img_steps_per_s, encode_seconds, prior_seconds (learning a prior).
+batch_size, max_side, pixel_fraction, jitter, tf32, prune, prune_rule, quant (format 1) or code_bits
+(format 2, JSON {class: width}), prior (unless none), torch_version, skipped, unread (unread_count when more
+files than it names); and unless `reproducible`: created, device_name, img_steps, img_steps_per_s,
+encode_seconds, prior_seconds (learning a prior).
 """
 from __future__ import annotations
 
@@ -39,8 +46,9 @@ from . import device as devices
 from .checks import check_choice, check_fraction, check_int
 from .errors import InrFormatError, InrInterrupted, InrUsageError
 from .fit import cap_size, fit_images, per_image_loss
+from .grid import CodeGrid
 from .prior import Prior
-from .presets import PRESETS, Preset, Round, get_preset
+from .presets import AUTO_LARGE, AUTO_SMALL, AUTO_SMALL_SIDE, PRESETS, Preset, Round, get_preset
 from .progress import ProgressLine, duration
 from .quantize import HIDDEN_DTYPE_OF_BITS
 from .shards import (distributed_rank, file_summary, merge, parse_shard, part_path, reuse_shard_file, shard_items,
@@ -56,6 +64,10 @@ LARGE_FIT_PIXELS = 1024 * 1024
 LEARN_SAMPLE_IMAGES = 1024
 LEARN_SHARE = 0.1
 PRIOR_CHOICES = ("auto", "builtin", "learn", "none")
+# `preset="auto"` looks at the sizes of this many readable images of SRC (a seeded random sample, the same
+# every run), trying at most AUTO_TRIES items.
+AUTO_SAMPLE = 16
+AUTO_TRIES = 256
 # Settings that may differ between the machines of one sharded run without changing its output.
 _PER_MACHINE_SETTINGS = ("shard", "source", "device", "tf32", "torch_compile")
 
@@ -90,9 +102,9 @@ class Settings:
     pixel_fraction: float
     jitter: float
     tf32: bool
-    quant: int
+    quant: int | None  # format 1: bits of the hidden weights; None for a coded preset
     prune: bool
-    float_dtype: str
+    float_dtype: str | None  # format 1: storage of the first/last layers and biases; None for a coded preset
     torch_compile: bool
     shard: tuple[int, int] | None
     h5_images: str | None = None
@@ -100,6 +112,12 @@ class Settings:
     reproducible: bool = False
     prior_choice: str = "none"  # "none", "builtin", "learn", or the path of a prior file
     prior: Prior | None = None  # the prior itself (for "learn": once learned)
+    code_bits: dict | None = None  # a coded preset's code width per class (its own, or as `bits` set them)
+
+    @property
+    def grid(self) -> CodeGrid | None:
+        """The code grid of a coded preset's file (format 2); None for format 1."""
+        return None if self.code_bits is None else self.preset.grid(self.code_bits)
 
     @property
     def hidden_dtype(self) -> str:
@@ -112,7 +130,7 @@ class Settings:
     def record(self, src, source) -> dict:
         """The JSON record kept in the work directory; a resume must match it exactly."""
         n = len(source)
-        return {
+        record = {
             "settings_version": 1,
             "source": os.path.abspath(os.fspath(src)) if not isinstance(src, (list, tuple))
             else [os.path.abspath(os.fspath(p)) for p in src],
@@ -123,7 +141,7 @@ class Settings:
             "classes": list(source.classes),
             "preset": self.preset.name,
             "arch": asdict(self.preset.arch),
-            "schedule": [asdict(r) for r in self.schedule],
+            "schedule": schedule_json(self.schedule),
             "prune_rule": asdict(self.preset.prune_rule) if self.preset.prune_rule else None,
             "prune": self.prune,
             "quant": self.quant,
@@ -143,6 +161,23 @@ class Settings:
             "prior": self.prior_choice,
             "prior_sha256": None if self.prior is None else hashlib.sha256(self.prior.to_bytes()).hexdigest(),
         }
+        if self.code_bits is not None:  # format 1 records keep their keys (and hashes): older work dirs resume
+            record["code_bits"] = dict(self.code_bits)
+            record["code_ranges"] = dict(self.preset.code_ranges)
+        return record
+
+
+def schedule_json(rounds) -> list[dict]:
+    """The rounds as JSON objects (settings record, metadata): `qat` and `continues` only where set, so
+    format-1 schedules are written as they always were."""
+    out = []
+    for r in rounds:
+        d = asdict(r)
+        for key in ("qat", "continues"):
+            if not d[key]:
+                del d[key]
+        out.append(d)
+    return out
 
 
 def saved_options(out) -> dict:
@@ -166,6 +201,7 @@ def saved_options(out) -> dict:
             "pixel_fraction": record["pixel_fraction"], "jitter": record["jitter"], "tf32": record["tf32"],
             "torch_compile": record["torch_compile"], "h5_images": record["h5_images"],
             "h5_labels": record["h5_labels"], "reproducible": record["reproducible"], "prior": record["prior"],
+            "bits": record.get("code_bits"),
         }
     except (KeyError, IndexError, TypeError):
         raise InrUsageError(f"cannot resume from {where}: it was written by another version of inrfmt; rerun "
@@ -175,43 +211,51 @@ def saved_options(out) -> dict:
 
 def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="auto", seed=0,
             overwrite=False, resume=False, max_side=None, on_error="skip", shard=None,
-            prune=True, quant=8, reproducible=False, progress=True, h5_images=None, h5_labels=None,
-            pixel_fraction=None, jitter=None, tf32=None, torch_compile=False, float_dtype="float32",
-            prior="auto") -> dict:
+            prune=True, quant=None, reproducible=False, progress=True, h5_images=None, h5_labels=None,
+            pixel_fraction=None, jitter=None, tf32=None, torch_compile=False, float_dtype=None,
+            prior="auto", bits=None) -> dict:
     """Encode every image of SRC (see `sources.open_source`) into the .inr file OUT.
 
-    preset: a preset name or `presets.Preset`; steps: round-1 steps (later rounds scale by the same
+    preset: a preset name or `presets.Preset`; "auto" (the command line's default) picks `small` or `large`
+    from SRC's image sizes (`auto_preset`). steps: round-1 steps (later rounds scale by the same
     factor); batch_size: images fitted at once (None: the preset's for the device); shard: "K/N" to
-    encode only that share into a part file; prune=False keeps only round 1; quant: bits of the hidden
-    weights (8 = int8 with per-image per-layer scales, 16/32 = float); pixel_fraction: fraction of each
+    encode only that share into a part file; prune=False leaves out the pruning rounds (the coded presets
+    never prune); quant: bits of the hidden weights of a format-1 preset (8, the default, = int8 with
+    per-image per-layer scales, 16/32 = float); bits: code widths of a coded preset: an int (hidden_w's),
+    "CLASS=N,..." or {class: N} over the preset's (`Preset.code_widths`); pixel_fraction: fraction of each
     image's pixels fitted per step; jitter: fraction of the samples moved to a random point of their
     pixel cell (None: the preset's); tf32: TF32 matmuls on CUDA (None: the preset's); torch_compile:
-    compile the loss; float_dtype: storage of the first/last layers and biases ("float32" or "float16");
+    compile the loss; float_dtype: storage of the first/last layers and biases of a format-1 preset
+    ("float32", the default, or "float16");
     reproducible: leave timing and host keys out of the metadata. prior: where every fit starts: "none"
     (a random SIREN initialisation), "builtin" (the preset's shipped prior), "learn" (a prior learned first
     on a sample of SRC, within LEARN_SHARE of the conversion's fitting work), a prior file's path or a
     `Prior`; "auto" is the preset's choice (`Preset.prior`). From a prior the preset's prior schedule runs.
 
-    Returns a summary dict: out, num_images, skipped, skipped_items, psnr_mean, prune_ratio_mean,
-    img_steps_per_s, fit_seconds, seconds, batches, batches_encoded, batches_reused, shard, rank, prior,
-    prior_seconds (learning the prior; 0 otherwise)."""
+    Returns a summary dict: out, preset (its name; with "auto", preset_reason says why), num_images,
+    skipped, skipped_items, psnr_mean, prune_ratio_mean, img_steps_per_s, fit_seconds, seconds, batches,
+    batches_encoded, batches_reused, shard, rank, prior, prior_seconds (learning the prior; 0 otherwise)."""
     t_start = time.perf_counter()
-    preset_obj = get_preset(preset) if isinstance(preset, str) else preset
-    if not isinstance(preset_obj, Preset):
-        raise InrUsageError(f"unknown preset {preset!r} (choose from: {', '.join(PRESETS)})")
+    auto = isinstance(preset, str) and preset == "auto"
+    preset_obj = None if auto else get_preset(preset) if isinstance(preset, str) else preset
+    if not auto and not isinstance(preset_obj, Preset):
+        raise InrUsageError(f"unknown preset {preset!r} (choose from: auto, {', '.join(PRESETS)})")
     steps = None if steps is None else check_int("steps", steps, 1)
     batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)
     max_side = None if max_side is None else check_int("max_side", max_side, 1)
     seed = check_int("seed", seed)
     check_choice("on_error", on_error, ("skip", "fail"))
-    if quant not in HIDDEN_DTYPE_OF_BITS:
+    if quant is not None and quant not in HIDDEN_DTYPE_OF_BITS:
         raise InrUsageError(f"quant must be one of {', '.join(map(str, HIDDEN_DTYPE_OF_BITS))}, got {quant!r}")
-    check_choice("float_dtype", float_dtype, FLOAT_DTYPES)
+    if float_dtype is not None:
+        check_choice("float_dtype", float_dtype, FLOAT_DTYPES)
     if pixel_fraction is not None:
         pixel_fraction = check_fraction("pixel_fraction", pixel_fraction, zero_ok=False)
     if jitter is not None:
         jitter = check_fraction("jitter", jitter, what="the fraction of fitting samples jittered")
-    prior_choice, prior_obj = resolve_prior(prior, preset_obj)
+    if not auto:  # mistakes in the options are reported before SRC is read
+        code_bits = _check_coding_options(preset_obj, quant, float_dtype, bits)
+        prior_choice, prior_obj = resolve_prior(prior, preset_obj)
     shard_kn = parse_shard(shard)
     dist_info = None if shard_kn is not None else distributed_rank()
     dev = devices.resolve(device, local_rank=dist_info[2] if dist_info else None)
@@ -225,6 +269,15 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
     from .sources import open_source
 
     source = open_source(src, h5_images=h5_images, h5_labels=h5_labels)
+    reason = None
+    if auto:
+        name, reason = auto_preset(source, max_side)
+        preset_obj = get_preset(name)
+        code_bits = _check_coding_options(preset_obj, quant, float_dtype, bits, f" (picked by --preset auto: {reason})")
+        prior_choice, prior_obj = resolve_prior(prior, preset_obj)
+        if progress and (dist_info is None or dist_info[0] == 0):
+            print(f"inrfmt: --preset auto: {name}, {reason}", file=sys.stderr)
+    coded = code_bits is not None
 
     rank = None
     target = out_path  # the file this process writes
@@ -239,9 +292,10 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         pixel_fraction=float(pixel_fraction or preset_obj.pixel_fraction(dev.type)),
         jitter=float(preset_obj.jitter if jitter is None else jitter),
         tf32=(preset_obj.tf32 if tf32 is None else bool(tf32)) and dev.type == "cuda",
-        quant=int(quant), prune=bool(prune), float_dtype=float_dtype, torch_compile=bool(torch_compile),
+        quant=None if coded else int(quant or 8), prune=bool(prune) and not coded,
+        float_dtype=None if coded else float_dtype or "float32", torch_compile=bool(torch_compile),
         shard=shard_kn, h5_images=h5_images, h5_labels=h5_labels, reproducible=bool(reproducible),
-        prior_choice=prior_choice, prior=prior_obj)
+        prior_choice=prior_choice, prior=prior_obj, code_bits=code_bits)
     learn_plan = _check_learnable(settings, len(source)) if prior_choice == "learn" else None
     record = settings.record(src, source)
     run_hash = settings_hash({k: v for k, v in record.items() if k not in _PER_MACHINE_SETTINGS})
@@ -264,6 +318,9 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
                            reproducible=reproducible, progress=progress, resume_command=resume_command,
                            prior_seconds=prior_seconds).run()
     summary["rank"] = rank
+    summary["preset"] = preset_obj.name
+    if reason is not None:
+        summary["preset_reason"] = reason
     if dist_info is not None and rank == 0:
         world = dist_info[1]
         parts = [part_path(out_path, r, world) for r in range(world)]
@@ -275,6 +332,47 @@ def convert(src, out, *, preset="fast", steps=None, batch_size=None, device="aut
         summary["out"] = str(out_path)
     summary["seconds"] = time.perf_counter() - t_start
     return summary
+
+
+def auto_preset(source, max_side: int | None = None) -> tuple[str, str]:
+    """(preset name, why) for `preset="auto"`: AUTO_SMALL when the longest fitting side (capped to
+    max_side) among AUTO_SAMPLE readable images of `source` is at most AUTO_SMALL_SIDE, else AUTO_LARGE. The
+    images are the first readable ones of a seeded random order of the items (at most AUTO_TRIES tried), the
+    same every run, so a resume picks the same preset. InrUsageError when none of them is readable."""
+    n = len(source)
+    order = np.random.default_rng([0, n]).permutation(n)[:AUTO_TRIES]
+    sides, tried = [], 0
+    for i in order:
+        tried += 1
+        good, _ = _load_batch(source, int(i), int(i) + 1, max_side)
+        sides += [max(g.fit_image.shape[:2]) for g in good]
+        if len(sides) == AUTO_SAMPLE:
+            break
+    if not sides:
+        raise InrUsageError(f"--preset auto: none of the {tried} item(s) of SRC tried is a readable image; "
+                            f"choose a preset with --preset ({', '.join(PRESETS)})")
+    longest = max(sides)
+    name = AUTO_SMALL if longest <= AUTO_SMALL_SIDE else AUTO_LARGE
+    capped = f" after --max-side {max_side}" if max_side is not None else ""
+    why = (f"the longest side{capped} in a sample of {len(sides)} of {n} images is {longest} px "
+           f"({'<=' if name == AUTO_SMALL else '>'} {AUTO_SMALL_SIDE})")
+    return name, why
+
+
+def _check_coding_options(preset: Preset, quant, float_dtype, bits, why: str = "") -> dict | None:
+    """The code widths of a coded preset (its own, overridden by `bits`), None for a format-1 preset; an
+    InrUsageError for an option of the other format (`why` says how the preset was chosen)."""
+    if preset.coded:
+        for name, value in (("quant", quant), ("float_dtype", float_dtype)):
+            if value is not None:
+                raise InrUsageError(f"{name} {value} applies to format-1 presets: preset {preset.name}{why} codes "
+                                    f"every parameter (set its code widths with bits, e.g. --bits 5)")
+        return preset.code_widths(bits)
+    if bits is not None:
+        raise InrUsageError(f"bits {bits} applies to the coded presets "
+                            f"({', '.join(n for n, p in PRESETS.items() if p.coded)}): preset {preset.name}{why} "
+                            f"writes format 1 (use --quant)")
+    return None
 
 
 def resolve_prior(prior, preset: Preset) -> tuple[str, Prior | None]:
@@ -365,6 +463,7 @@ class _Encoder:
         self.record, self.metadata = record, metadata
         self.on_error, self.resume, self.reproducible, self.show_progress = on_error, resume, reproducible, progress
         self.resume_command = resume_command
+        self.grid = settings.grid
         self.part_hash = settings_hash(record)
         self.num_items = len(source)
         self.items = shard_items(self.num_items, settings.shard)
@@ -445,12 +544,13 @@ class _Encoder:
         t0 = time.perf_counter()
         result = None
         if good:
+            dtypes = {} if self.grid is not None else dict(hidden_dtype=s.hidden_dtype, float_dtype=s.float_dtype)
             result = fit_images([g.fit_image for g in good], s.preset.arch, s.schedule,
-                                prune_rule=s.preset.prune_rule, hidden_dtype=s.hidden_dtype, seed=s.seed,
+                                prune_rule=s.preset.prune_rule, seed=s.seed,
                                 image_ids=[g.index for g in good], device=s.device, pixel_fraction=s.pixel_fraction,
                                 jitter=s.jitter, originals=[g.original for g in good],
                                 on_step=progress.step, compiled_loss=compiled_loss,
-                                float_dtype=s.float_dtype, prior=s.prior)
+                                prior=s.prior, grid=self.grid, **dtypes)
         info = {
             "batch": b, "start": start, "stop": stop, "settings_hash": self.part_hash,
             "num_images": len(good),
@@ -461,7 +561,13 @@ class _Encoder:
         }
         self.work.write_info(b, info)
         with self._writer(self.work.part_file(b), metadata={}) as writer:
-            if result is not None:
+            if result is not None and self.grid is not None:
+                writer.add_codes(result.codes, labels=[g.label for g in good],
+                                 heights=[g.original.shape[0] for g in good],
+                                 widths=[g.original.shape[1] for g in good],
+                                 psnr=np.nan_to_num(result.psnr, nan=0.0, posinf=99.0, neginf=0.0),
+                                 keys=[g.key for g in good])
+            elif result is not None:
                 weights = result.weights
                 if not s.has_masks:
                     weights.mask = None
@@ -474,6 +580,9 @@ class _Encoder:
 
     def _writer(self, path, metadata: dict) -> InrWriter:
         s = self.settings
+        if self.grid is not None:
+            return InrWriter(path, s.preset.arch, grid=self.grid, classes=self.source.classes, metadata=metadata,
+                             prior=s.prior)
         return InrWriter(path, s.preset.arch, hidden_dtype=s.hidden_dtype, float_dtype=s.float_dtype,
                          has_masks=s.has_masks, classes=self.source.classes, metadata=metadata, prior=s.prior)
 
@@ -657,9 +766,12 @@ def _base_metadata(settings: Settings, record: dict, src, reproducible: bool) ->
         "jitter": repr(settings.jitter),
         "tf32": "yes" if settings.tf32 else "no",
         "prune": "yes" if settings.prune else "no",
-        "quant": str(settings.quant),
         "torch_version": torch.__version__,
     }
+    if settings.code_bits is None:
+        meta["quant"] = str(settings.quant)
+    else:
+        meta["code_bits"] = json_text(settings.code_bits)
     if settings.prior_choice != "none":  # absent otherwise: --prior none writes the bytes it always wrote
         meta["prior"] = settings.prior_choice if settings.prior_choice != "given" else f"given ({settings.prior.name})"
     if settings.torch_compile:

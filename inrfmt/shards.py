@@ -171,7 +171,8 @@ def merge(out, parts, overwrite: bool = False, reproducible: bool = False) -> No
         hashes = {m.get("settings_hash") for _, _, _, m in keyed}
         if len(hashes) != 1:
             a, b = keyed[0], next(x for x in keyed if x[3].get("settings_hash") != keyed[0][3].get("settings_hash"))
-            differ = [k for k in ("preset", "steps", "seed", "prior", "quant", "prune") if a[3].get(k) != b[3].get(k)]
+            differ = [k for k in ("preset", "steps", "seed", "prior", "quant", "code_bits", "prune")
+                      if a[3].get(k) != b[3].get(k)]
             shown = ", ".join(f"{k}: {a[3].get(k, 'none')} vs {b[3].get(k, 'none')}" for k in differ)  # none: no prior
             raise InrUsageError(f"merge: {a[2]} and {b[2]} were encoded with different settings"
                                 + (f" ({shown}); parts must share one prior and one schedule" if differ else ""))

@@ -131,7 +131,7 @@ def test_help_lists_every_command():
     convert_help = run("convert", "--help", check_rc=0).stdout
     for option in ("--preset", "--steps", "--batch-size", "--device", "--seed", "--overwrite", "--resume",
                    "--max-side", "--on-error", "--shard", "--no-prune", "--quant", "--float-dtype", "--jitter",
-                   "--pixel-fraction", "--reproducible"):
+                   "--pixel-fraction", "--reproducible", "--bits"):
         assert option in convert_help
 
 
@@ -139,13 +139,49 @@ def test_convert_cli_options_reach_the_file(tmp_path):
     sample = tmp_path / "src"
     shutil.copytree(ROOT / "data" / "sample" / "bag", sample / "bag")
     out = tmp_path / "small.inr"
-    run("convert", sample, out, "--steps", "5", "--float-dtype", "float16", "--quant", "16", "--jitter", "0",
-        "--no-prune", "--reproducible", "--quiet", check_rc=0)
+    run("convert", sample, out, "--preset", "fast", "--steps", "5", "--float-dtype", "float16", "--quant", "16",
+        "--jitter", "0", "--no-prune", "--reproducible", "--quiet", check_rc=0)
     with InrFile(out) as inr:
         assert (inr.float_dtype, inr.hidden_dtype, inr.has_masks) == ("float16", "float16", False)
         assert inr.num_images == len(list((sample / "bag").iterdir()))
         assert float(inr.metadata["jitter"]) == 0.0
         assert "encode_seconds" not in inr.metadata
+
+
+def test_convert_defaults_to_a_coded_preset_picked_from_the_image_sizes(tmp_path):
+    sample = tmp_path / "src"
+    shutil.copytree(ROOT / "data" / "sample" / "bag", sample / "bag")
+    out = tmp_path / "auto.inr"
+    proc = run("convert", sample, out, "--steps", "4", "--bits", "hidden_w=5,first_w=9", "--device", "cpu",
+               check_rc=0)
+    said = [line for line in proc.stderr.splitlines() if line.startswith("inrfmt: --preset auto")]
+    assert said == ["inrfmt: --preset auto: small, the longest side in a sample of 16 of "
+                    f"{len(list((sample / 'bag').iterdir()))} images is 28 px (<= 64)"], proc.stderr
+    assert f"wrote {out} (preset small): " in proc.stderr
+    with InrFile(out) as inr:
+        assert inr.version == (2, 0) and inr.coded and inr.metadata["preset"] == "small"
+        bits = {g["name"]: g["bits"] for g in json.loads(run("info", out, "--json", check_rc=0).stdout)
+                ["quantization"]["groups"]}
+        assert bits["first_w"] == 9 and bits["hidden_w.0"] == 5 and bits["last_w"] == 8
+    assert "code bits first_w 9, first_b 7, hidden_w 5" in run("info", out, check_rc=0).stdout
+    # --max-side decides what is fitted, so it decides the preset too; --quiet says nothing but the result
+    proc = run("convert", sample, tmp_path / "q.inr", "--steps", "1", "--quiet", "--device", "cpu", check_rc=0)
+    assert proc.stderr.startswith(f"wrote {tmp_path / 'q.inr'} (preset small): ") and proc.stderr.count("\n") == 1
+
+
+def test_coding_options_of_the_other_format_are_one_line_exit_2(tmp_path):
+    sample = tmp_path / "src"
+    shutil.copytree(ROOT / "data" / "sample" / "bag", sample / "bag")
+    out = tmp_path / "o.inr"
+    for bits in ("0", "17", "four", "hidden_w=4,bogus=3", "hidden_w=4,hidden_w=5", "first_w=99"):
+        assert_one_line_error(run("convert", sample, out, "--bits", bits), 2, "bad bits")
+    assert_one_line_error(run("convert", sample, out, "--preset", "fast", "--bits", "5"), 2,
+                          "preset fast writes format 1")
+    assert_one_line_error(run("convert", sample, out, "--preset", "small", "--quant", "16"), 2,
+                          "quant 16 applies to format-1 presets")
+    assert_one_line_error(run("convert", sample, out, "--float-dtype", "float16"), 2,
+                          "float_dtype float16", "picked by --preset auto")
+    assert not out.exists() and not (tmp_path / "o.inr.work").exists()
 
 
 # --------------------------------------------------------------------------- what a new user runs into

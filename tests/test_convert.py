@@ -152,6 +152,7 @@ def test_bad_input_skip_and_fail(tmp_path, capsys):
 
 
 def test_kill_and_resume_is_byte_identical(tmp_path):
+    # The command line's default preset (auto: `small`, format 2 for these 10x10 images) and the API's "auto".
     src = tiny_folder(tmp_path / "src", 10)
     args = ["--steps", "100", "--batch-size", "1", "--seed", "5", "--reproducible", "--quiet", "--device", "cpu"]
     out = tmp_path / "resumed.inr"
@@ -174,15 +175,19 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
     stale = tmp_path / ".resumed.inr.x1y2.tmp"  # what a kill during the final merge leaves
     stale.write_bytes(b"partial")
     with pytest.raises(InrUsageError, match="--resume"):
-        convert(src, out, steps=100, batch_size=1, seed=5, reproducible=True, progress=False, device="cpu")
-    summary = convert(src, out, steps=100, batch_size=1, seed=5, reproducible=True, progress=False, device="cpu",
-                      resume=True)
+        convert(src, out, preset="auto", steps=100, batch_size=1, seed=5, reproducible=True, progress=False,
+                device="cpu")
+    summary = convert(src, out, preset="auto", steps=100, batch_size=1, seed=5, reproducible=True, progress=False,
+                      device="cpu", resume=True)
     assert summary["batches_reused"] == len(finished) - 1
     assert summary["batches_encoded"] == 10 - summary["batches_reused"]
     assert not work.exists() and not stale.exists()
     straight = tmp_path / "straight.inr"
-    convert(src, straight, steps=100, batch_size=1, seed=5, reproducible=True, progress=False, device="cpu")
+    convert(src, straight, preset="small", steps=100, batch_size=1, seed=5, reproducible=True, progress=False,
+            device="cpu")
     assert out.read_bytes() == straight.read_bytes()
+    with InrFile(out) as f:
+        assert f.coded and f.metadata["preset"] == "small"
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -245,8 +250,9 @@ def test_torchrun_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.exists()
     assert not any(Path(part_path(out, r, 2)).exists() for r in range(2))
-    single = tmp_path / "single.inr"
-    convert(src, single, steps=10, batch_size=2, seed=2, progress=False, device="cpu", reproducible=True)
+    single = tmp_path / "single.inr"  # the command line's default preset is auto (here: small, format 2)
+    convert(src, single, preset="auto", steps=10, batch_size=2, seed=2, progress=False, device="cpu",
+            reproducible=True)
     assert out.read_bytes() == single.read_bytes()  # two ranks write what one process writes
 
 
@@ -316,7 +322,8 @@ def _stop_after_parts(args, out, parts, sig):
 def test_ctrl_c_and_sigterm_say_what_is_saved_and_resume_takes_the_saved_settings(tmp_path):
     src = tiny_folder(tmp_path / "src", 12, size=(16, 16))
     out = tmp_path / "run.inr"
-    options = ["--steps", "100", "--batch-size", "1", "--seed", "3", "--reproducible", "--quiet", "--device", "cpu"]
+    options = ["--preset", "fast", "--steps", "100", "--batch-size", "1", "--seed", "3", "--reproducible", "--quiet",
+               "--device", "cpu"]
     saved = 0
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         args = [src, out, *options] if sig == signal.SIGTERM else ["--resume", out, "--quiet"]
@@ -389,3 +396,145 @@ def test_convert_a_webdataset_shard_skips_and_names_a_bad_sample(tmp_path):
         assert f.keys == ["train-000000.tar/000000.png", "train-000000.tar/000002.png"]
         assert f.index["label"].tolist() == [0, 2] and f.classes == ["0", "1", "2"]
         assert [s["key"] for s in json.loads(f.metadata["skipped"])] == ["train-000000.tar/000001.png"]
+
+
+# ------------------------------------------------------------------------------- coded presets (format 2)
+
+
+def _decoded_psnr(path: Path, src: Path) -> np.ndarray:
+    """PSNR of the weights the reader decodes from the file, against the source pixels (no fit code)."""
+    from inrfmt import siren
+
+    with InrFile(path) as f:
+        wb, keys = f.read_images(np.arange(f.num_images)), f.keys
+    out = []
+    for i, key in enumerate(keys):
+        target = np.asarray(Image.open(src / key).convert("RGB"), np.float64) / 255.0
+        h, w = target.shape[:2]
+        params = siren.SirenParams(*(torch.from_numpy(np.ascontiguousarray(a[i:i + 1])) for a in
+                                     (wb.first_w, wb.first_b, wb.dequantized_hidden(), wb.hidden_b, wb.last_w,
+                                      wb.last_b)))
+        with InrFile(path) as f:
+            arch = f.arch
+        pred = siren.to_pixels(siren.forward(params, siren.pixel_grid(h, w), arch))[0].double().numpy()
+        out.append(-10 * np.log10(np.mean((pred - target.reshape(-1, 3)) ** 2)))
+    return np.array(out)
+
+
+def test_a_coded_preset_writes_format_2_with_the_stored_models_psnr(tmp_path):
+    from inrfmt.presets import PRESETS
+    from inrfmt.prior import Prior
+
+    src = tiny_folder(tmp_path / "src", 5, size=(12, 10))
+    out = tmp_path / "c.inr"
+    summary = convert(src, out, preset="small", steps=30, batch_size=2, bits="hidden_w=5", seed=1, progress=False,
+                      device="cpu", reproducible=True)
+    assert summary["preset"] == "small" and summary["num_images"] == 5 and "preset_reason" not in summary
+    with InrFile(out) as f:
+        assert f.version == (2, 0) and f.coded and f.num_chunks == 1
+        assert f.grid == PRESETS["small"].grid(5) and f.prior == Prior.builtin("small")
+        assert json.loads(f.metadata["code_bits"])["hidden_w"] == 5 and "quant" not in f.metadata
+        assert f.metadata["prune"] == "no" and "prune_rule" not in f.metadata
+        schedule = json.loads(f.metadata["schedule"])
+        assert [(r["steps"], r.get("qat", False), r.get("continues", False)) for r in schedule] == \
+            [(30, False, False), (20, True, True)]
+        psnr = np.asarray(f.index["psnr"], np.float64)
+        assert (f.index["height"] == 12).all() and (f.index["width"] == 10).all()
+    np.testing.assert_allclose(_decoded_psnr(out, src), psnr, atol=0.02)
+    assert psnr.mean() > 20
+
+
+def test_coded_resume_shards_and_merge_give_the_single_runs_bytes(tmp_path, monkeypatch):
+    src = tiny_folder(tmp_path / "src", 7, size=(8, 8))
+    common = dict(preset="small", steps=6, batch_size=3, seed=1, progress=False, device="cpu", reproducible=True)
+    single = tmp_path / "single.inr"
+    convert(src, single, **common)
+    for n in (2, 3):
+        parts = [tmp_path / f"n{n}-p{k}.inr" for k in range(n)]
+        for k, p in enumerate(parts):
+            convert(src, p, shard=f"{k}/{n}", **common)
+        merge(tmp_path / f"m{n}.inr", list(reversed(parts)))
+        assert (tmp_path / f"m{n}.inr").read_bytes() == single.read_bytes(), f"{n} shards"
+    # resume: the saved parts are reused; other code widths are other settings
+    out = tmp_path / "r.inr"
+    with monkeypatch.context() as m:
+        m.setattr(workdir_module.shutil, "rmtree", lambda *a, **k: None)
+        convert(src, out, **common)
+    out.unlink()
+    with pytest.raises(InrUsageError, match=r"settings differ.*code_bits"):
+        convert(src, out, resume=True, bits=5, **common)
+    summary = convert(src, out, resume=True, **common)
+    assert summary["batches_reused"] == 3 and out.read_bytes() == single.read_bytes()
+    with pytest.raises(InrUsageError, match="different settings"):
+        other = tmp_path / "other.inr"
+        convert(src, other, shard="1/2", bits=6, **common)
+        merge(tmp_path / "mixed.inr", [tmp_path / "n2-p0.inr", other])
+
+
+def test_an_empty_coded_shard_is_a_part_file_and_merges(tmp_path):
+    src = tiny_folder(tmp_path / "src", 3, size=(8, 8))
+    common = dict(preset="small", steps=4, seed=1, progress=False, device="cpu", reproducible=True)
+    single = tmp_path / "single.inr"
+    convert(src, single, **common)
+    parts = [tmp_path / f"p{k}.inr" for k in range(4)]  # 4 shards of 3 images: shard 0 is empty
+    for k, p in enumerate(parts):
+        convert(src, p, shard=f"{k}/4", **common)
+    with InrFile(parts[0]) as f:
+        assert f.num_images == 0 and f.coded
+    merge(tmp_path / "m.inr", parts)
+    assert (tmp_path / "m.inr").read_bytes() == single.read_bytes()
+
+
+def test_preset_auto_picks_by_the_longest_side_and_resume_keeps_it(tmp_path, capsys):
+    import inrfmt.cli as cli_module
+    from inrfmt.conversion import auto_preset, saved_options
+    from inrfmt.sources import open_source
+
+    small_src = tiny_folder(tmp_path / "s", 3, size=(64, 20))
+    big_src = tiny_folder(tmp_path / "b", 3, size=(30, 65))
+    assert auto_preset(open_source(small_src)) == ("small", "the longest side in a sample of 3 of 3 images is "
+                                                            "64 px (<= 64)")
+    assert auto_preset(open_source(big_src))[0] == "large"
+    assert auto_preset(open_source(big_src), max_side=64) == (
+        "small", "the longest side after --max-side 64 in a sample of 3 of 3 images is 64 px (<= 64)")
+    out = tmp_path / "big.inr"
+    summary = convert(big_src, out, preset="auto", steps=2, batch_size=3, progress=True, device="cpu",
+                      reproducible=True)
+    assert summary["preset"] == "large" and "65 px (> 64)" in summary["preset_reason"]
+    assert "inrfmt: --preset auto: large, the longest side in a sample of 3 of 3 images is 65 px (> 64)" in \
+        capsys.readouterr().err
+    with InrFile(out) as f:
+        assert f.coded and f.arch.width == 32 and f.metadata["preset"] == "large"
+    # the record keeps the preset auto picked: --resume gives it back, and --preset auto agrees with it
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(workdir_module.shutil, "rmtree", lambda *a, **k: None)
+        convert(small_src, tmp_path / "r.inr", preset="auto", steps=2, progress=False, device="cpu")
+    assert saved_options(tmp_path / "r.inr")["preset"] == "small"
+    proc = cli("convert", "--resume", tmp_path / "r.inr", "--preset", "large", check=False)
+    assert proc.returncode == 2 and "--preset large conflicts" in proc.stderr and "preset = 'small'" in proc.stderr
+    proc = cli("convert", "--resume", tmp_path / "r.inr", "--bits", "5", check=False)
+    assert proc.returncode == 2 and "--bits 5 conflicts" in proc.stderr
+    (tmp_path / "r.inr").unlink()
+    cli("convert", "--resume", tmp_path / "r.inr", "--preset", "auto", "--bits", "4", "--quiet")
+    assert (tmp_path / "r.inr").exists() and not work_dir_for(tmp_path / "r.inr").exists()
+    assert cli_module  # the resume checks live in the command line module
+
+
+def test_coding_options_of_the_other_format_are_refused(tmp_path):
+    src = tiny_folder(tmp_path / "src", 2)
+    out = tmp_path / "o.inr"
+    for kwargs, named in ((dict(preset="fast", bits=5), "preset fast writes format 1"),
+                          (dict(preset="small", quant=16), "quant 16 applies to format-1 presets"),
+                          (dict(preset="small", float_dtype="float16"), "float_dtype float16"),
+                          (dict(preset="auto", quant=8), "picked by --preset auto"),
+                          (dict(preset="small", bits="hidden_w=x"), "bad bits"),
+                          (dict(preset="small", bits=0), "bad bits 0")):
+        with pytest.raises(InrUsageError) as info:
+            convert(src, out, progress=False, device="cpu", **kwargs)
+        assert named in str(info.value) and "\n" not in str(info.value), str(info.value)
+    empty = tmp_path / "empty" / "a"
+    empty.mkdir(parents=True)
+    (empty / "x.png").write_bytes(b"not an image")
+    with pytest.raises(InrUsageError, match="--preset auto: none of the 1 item"):
+        convert(empty.parent, out, preset="auto", progress=False, device="cpu")
+    assert not out.exists() and not work_dir_for(out).exists()

@@ -193,7 +193,8 @@ def test_bad_prior_files_are_one_line(tmp_path):
     src = tiny_folder(tmp_path / "src", 2, size=(4, 4))
     other = tmp_path / "other.prior"
     Prior.builtin("rapid-inr-cifar10").save(other)  # 3x15, fast is 3x16
-    proc = cli("convert", src, tmp_path / "x.inr", "--prior", other, "--device", "cpu", "--quiet", check=False)
+    proc = cli("convert", src, tmp_path / "x.inr", "--preset", "fast", "--prior", other, "--device", "cpu", "--quiet",
+               check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "is for a 3x15 network" in proc.stderr and "fast uses 3x16" in proc.stderr
     data = bytearray(Prior.builtin("fast").to_bytes())

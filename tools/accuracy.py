@@ -2,7 +2,7 @@
 """Test accuracy of a classifier trained on the original images vs on images decoded from .inr (Fig. 7).
 
     python tools/accuracy.py [--data SRC | --train SRC --test SRC | --fashion-mnist [DIR] | --cifar10 DIR]
-        [--max-train N] [--max-test N] [--preset P] [--steps N] [--model small|resnet18] [--epochs E]
+        [--max-train N] [--max-test N] [--preset P] [--steps N] [--bits B] [--model small|resnet18] [--epochs E]
         [--batch-size B] [--repeats R] [--out result.json]
 
 One classifier, one recipe, two training sets: (a) the original training images, (b) the same images
@@ -181,9 +181,13 @@ def encode_train(train: Split, args, work: Path) -> tuple[Path, dict, float]:
     np.savez(npz, **arrays)
     out = work / "train.inr"
     t0 = time.perf_counter()
-    summary = inrfmt.convert(str(npz), str(out), preset=args.preset, steps=args.steps, prune=args.prune,
-                             quant=args.quant, device=args.device_resolved, seed=args.seed, overwrite=True,
-                             progress=False)
+    from inrfmt.presets import get_preset
+    if get_preset(args.preset).code_bits is not None:  # format 2: code widths instead of pruning and int8
+        options = {} if args.bits is None else {"bits": args.bits}
+    else:
+        options = {"prune": args.prune, "quant": args.quant}
+    summary = inrfmt.convert(str(npz), str(out), preset=args.preset, steps=args.steps, device=args.device_resolved,
+                             seed=args.seed, overwrite=True, progress=False, **options)
     return out, summary, time.perf_counter() - t0
 
 
@@ -286,7 +290,8 @@ def parse_args(argv=None):
     enc.add_argument("--preset", default="fast")
     enc.add_argument("--steps", type=int, help="convert --steps (default: the preset's)")
     enc.add_argument("--no-prune", dest="prune", action="store_false")
-    enc.add_argument("--quant", type=int, choices=(8, 16, 32), default=8)
+    enc.add_argument("--quant", type=int, choices=(8, 16, 32), default=8, help="format-1 presets: hidden bits")
+    enc.add_argument("--bits", type=int, help="coded presets (small, large): hidden_w's code width")
     enc.add_argument("--inr", help="use this .inr file of the training images instead of encoding them")
     rec = p.add_argument_group("recipe")
     rec.add_argument("--model", choices=("small", "resnet18"), default="small")

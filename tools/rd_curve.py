@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Rate-distortion of inrfmt against JPEG, WebP and AVIF on a folder of images (the paper's Fig. 3/6).
 
-    python tools/rd_curve.py IMAGES_DIR [--out DIR] [--presets fast rapid-inr-cifar10 ...] [--steps N]
+    python tools/rd_curve.py IMAGES_DIR [--out DIR] [--presets fast rapid-inr-cifar10 small ...] [--steps N]
         [--max-images N] [--square S [--crops K]] [--variants prune-int8 noprune-int8 prune-fp16 noprune-fp16]
+        [--bits 3 4 5 hidden_w=4,last_w=6 ...]
 
-For every preset and variant (pruning on/off via convert's `prune`, hidden weights int8 or fp16 via
-`quant`) the images are encoded into one .inr file; for every codec and quality each image is encoded
-alone with Pillow. Each point is (mean bytes per image, mean PSNR):
+For every format-1 preset and variant (pruning on/off via convert's `prune`, hidden weights int8 or fp16
+via `quant`), and for every coded preset (small, large: format 2) and code-width setting of --bits (each
+as convert's `bits`; none given: the preset's own widths), the images are encoded into one .inr file; for
+every codec and quality each image is encoded alone with Pillow. Each point is (mean bytes per image, mean
+PSNR):
 
 * bytes per image — ours: the whole .inr file's bytes / images, header, index and class names included;
   codecs: the whole encoded file (headers and tables included, as a folder of .jpg files stores them).
@@ -17,7 +20,9 @@ All methods see the same pixels: the images are read once through inrfmt's sourc
 centre-cropped and resized to --square S), written as lossless PNG, and that PNG tree is what convert
 encodes and what every codec and PSNR is measured against. Writes rd.json and rd.png into --out. The
 JSON also gives, for each of our points, JPEG's PSNR at equal bytes per image (interpolated on the JPEG
-quality sweep), so "higher PSNR than JPEG at equal size" is read off directly.
+quality sweep), so "higher PSNR than JPEG at equal size" is read off directly, and for each codec the
+bytes it needs for our PSNR (interpolated on its sweep) and our bytes over them ("bytes_ratio_vs_webp" < 1:
+smaller than WebP at equal PSNR).
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+
+from inrfmt.spec import param_groups  # noqa: E402
 
 from plot_util import (REPO, ToolError, environment, load_samples, psnr_uint8, pyplot, resolve_device,  # noqa: E402
                        run_main, save_figure, summarize, write_image_folder, write_json)
@@ -132,14 +139,34 @@ def decoded_psnrs(inr_path: Path, samples, device: str) -> list[float]:
     return psnrs
 
 
+def parse_bits(text: str):
+    """--bits value -> convert's bits: "5" -> 5 (hidden_w's width), "hidden_w=4,last_w=6" -> a dict."""
+    if text.isdigit():
+        return int(text)
+    bits = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if not value.isdigit():
+            raise ToolError(f"--bits {text}: expected N or CLASS=N,... (e.g. hidden_w=4,last_w=6)")
+        bits[name.strip()] = int(value)
+    return bits
+
+
 def inr_point(png_tree: Path, samples, preset: str, steps: int | None, variant: str, args, work: Path) -> dict:
+    """One of our points: a format-1 `variant` (VARIANTS) or, for a coded preset, variant "bits=SPEC"."""
     import inrfmt
-    prune, quant, float_dtype = VARIANTS[variant]
-    out = work / f"{preset}-{variant}-s{steps}.inr"
-    extra = {"float_dtype": float_dtype} if float_dtype else {}
+    if variant.startswith("bits="):
+        spec = variant[len("bits="):]
+        prune = quant = float_dtype = None
+        options = {} if spec == "preset" else {"bits": parse_bits(spec)}
+    else:
+        prune, quant, float_dtype = VARIANTS[variant]
+        options = {"prune": prune, "quant": quant, **({"float_dtype": float_dtype} if float_dtype else {})}
+    safe = variant.replace("=", "").replace(",", "_")
+    out = work / f"{preset}-{safe}-s{steps}.inr"
     t0 = time.perf_counter()
-    summary = inrfmt.convert(str(png_tree), str(out), preset=preset, steps=steps, prune=prune, quant=quant,
-                             device=args.device_resolved, seed=args.seed, overwrite=True, progress=False, **extra)
+    summary = inrfmt.convert(str(png_tree), str(out), preset=preset, steps=steps, device=args.device_resolved,
+                             seed=args.seed, overwrite=True, progress=False, **options)
     seconds = time.perf_counter() - t0
     psnrs = decoded_psnrs(out, samples, args.device_resolved)
     file_bytes = out.stat().st_size
@@ -150,7 +177,11 @@ def inr_point(png_tree: Path, samples, preset: str, steps: int | None, variant: 
         arch = f"{f.arch.sine_layers}x{f.arch.width}"
         params = f.arch.params_per_image
         index_psnr = float(np.mean(f.index["psnr"]))
-        dtypes = {"hidden_dtype": str(f.hidden_dtype), "float_dtype": str(f.float_dtype)}
+        dtypes = {"hidden_dtype": str(f.hidden_dtype), "float_dtype": str(f.float_dtype),
+                  "version": f"{f.version[0]}.{f.version[1]}"}
+        if f.coded:
+            dtypes["code_bits"] = {g.name: int(b) for g, b in zip(param_groups(f.arch), f.grid.bits)}
+            dtypes["section_bytes"] = f.section_sizes
     stats = summarize(psnrs)
     return {"method": "inrfmt", "preset": preset, "variant": variant, "prune": prune, "quant": quant,
             "steps": steps, "arch": arch, "params_per_image": params,
@@ -169,6 +200,26 @@ def jpeg_psnr_at(bytes_per_image: float, jpeg_points: list[dict]) -> float | Non
     if x < xs[0] or x > xs[-1]:
         return None
     return float(np.interp(x, xs, ys))
+
+
+def codec_bytes_at(psnr: float, codec_points: list[dict]) -> float | None:
+    """The codec's mean bytes per image at this mean PSNR (log-bytes interpolated between its sweep points,
+    taken in order of PSNR); None outside its sweep."""
+    pts = sorted((p["psnr_mean"], np.log(p["bytes_per_image"])) for p in codec_points)
+    if not pts or not pts[0][0] <= psnr <= pts[-1][0]:
+        return None
+    return float(np.exp(np.interp(psnr, [a for a, _ in pts], [b for _, b in pts])))
+
+
+def compare_at_equal_psnr(points: list[dict]) -> None:
+    """For each of our points and each codec: the codec's bytes at our PSNR and our bytes over them."""
+    for codec in ("jpeg", "webp", "avif"):
+        ref = [p for p in points if p["method"] == codec]
+        for p in points:
+            if p["method"] == "inrfmt" and ref:
+                at = codec_bytes_at(p["psnr_mean"], ref)
+                p[f"{codec}_bytes_at_equal_psnr"] = at
+                p[f"bytes_ratio_vs_{codec}"] = None if at is None else p["bytes_per_image"] / at
 
 
 def compare_with_jpeg(points: list[dict]) -> None:
@@ -204,7 +255,17 @@ def plot(result: dict, png: Path) -> Path:
     presets = sorted({(p["preset"], p.get("steps") or 0) for p in ours})
     colors = ["tab:red", "tab:orange", "tab:brown", "tab:pink", "black"]
     for k, (preset, steps) in enumerate(presets):
-        for p in (q for q in ours if (q["preset"], q.get("steps") or 0) == (preset, steps)):
+        mine = [q for q in ours if (q["preset"], q.get("steps") or 0) == (preset, steps)]
+        coded = sorted((q for q in mine if q["variant"].startswith("bits=")), key=lambda q: q["bytes_per_image"])
+        if coded:  # format 2: one curve over the code widths
+            ax.plot([q["bytes_per_image"] for q in coded], [q["psnr_mean"] for q in coded], marker="o", ms=6,
+                    color=colors[k % len(colors)], lw=2, zorder=3,
+                    label=f"inrfmt {preset}{f':{steps}' if steps else ''} ({coded[0]['arch']}, format 2; "
+                          + ", ".join(q["variant"] for q in coded) + ")")
+            for q in coded:
+                ax.annotate(q["variant"][len("bits="):], (q["bytes_per_image"], q["psnr_mean"]), fontsize=6,
+                            xytext=(3, -8), textcoords="offset points")
+        for p in (q for q in mine if not q["variant"].startswith("bits=")):
             filled = p["prune"]
             marker = "*" if p.get("float_dtype") == "float16" else "D" if p["quant"] == 8 else \
                 "P" if p["quant"] == 16 else "X"
@@ -240,7 +301,11 @@ def parse_args(argv=None):
     p.add_argument("--work", default=None, help="scratch for the PNG tree and .inr files (default: OUT/work)")
     p.add_argument("--presets", nargs="*", default=["fast"],
                    help="NAME or NAME:STEPS (convert --steps for that preset); none: codecs only")
-    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                   help="format-1 presets: pruning and hidden dtypes to measure")
+    p.add_argument("--bits", nargs="+", default=None, metavar="SPEC",
+                   help="coded presets (small, large): code widths to measure, each N (hidden_w's width) or "
+                        "CLASS=N,...; default: the preset's own")
     p.add_argument("--steps", type=int, default=None,
                    help="convert --steps for presets given without :STEPS (default: the preset's own)")
     p.add_argument("--max-images", type=int, default=None)
@@ -268,6 +333,8 @@ def parse_args(argv=None):
         bad = [q for q in getattr(args, name) if not 0 <= q <= 100]
         if bad:
             raise ToolError(f"--{name.replace('_', '-')}: qualities must be in 0..100, got {bad}")
+    for spec in args.bits or ():
+        parse_bits(spec)
     from inrfmt.presets import PRESETS
     specs = []
     for spec in args.presets:  # NAME or NAME:STEPS
@@ -321,9 +388,12 @@ def main(argv=None) -> dict:
 
     import inrfmt
     convert_params = inspect.signature(inrfmt.convert).parameters
+    from inrfmt.presets import PRESETS
     for preset, steps in args.presets:
-        for variant in args.variants:
-            if VARIANTS[variant][2] and "float_dtype" not in convert_params:
+        coded = PRESETS[preset].code_bits is not None
+        variants = [f"bits={b}" for b in (args.bits or ["preset"])] if coded else args.variants
+        for variant in variants:
+            if not coded and VARIANTS[variant][2] and "float_dtype" not in convert_params:
                 note = f"inrfmt {variant} skipped: this inrfmt's convert() has no float_dtype option"
                 if note not in notes:
                     notes.append(note)
@@ -333,6 +403,7 @@ def main(argv=None) -> dict:
             print(f"inrfmt {preset} {variant}: {point['bytes_per_image']:.0f} B/image, {point['psnr_mean']:.2f} dB "
                   f"(prune {point['prune_ratio_mean']:.1%}, encode {point['encode_seconds']:.1f} s)", file=sys.stderr)
     compare_with_jpeg(points)
+    compare_at_equal_psnr(points)
     result = {"tool": "rd_curve", "src": str(args.images_dir), "images": len(samples), "skipped": skipped,
               "image_sizes": size_text, "square": args.square, "crops_per_image": args.crops or None,
               "steps": args.steps, "device": args.device_resolved,
