@@ -23,7 +23,7 @@ from . import coding
 from .grid import CodeGrid, grid_problem
 from .spec import (ALIGNMENT, CHECKED_AT_OPEN, CHUNK_DTYPE, CODE_BYTES, CODED_INDEX_COLUMNS, CODED_INDEX_ROW_BYTES,
                    COORDINATES, FLOAT_DTYPES, FORMAT_NAME, FORMAT_VERSIONS, HIDDEN_DTYPES, IN_FEATURES, INDEX_DTYPE,
-                   KEY_OFFSET_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_HEADER_BYTES, OPTIONAL_SECTIONS, OUT_FEATURES,
+                   KEY_OFFSET_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_KEY_BYTES_PER_IMAGE, MAX_HEADER_BYTES, OPTIONAL_SECTIONS, OUT_FEATURES,
                    OUTPUT_LAYER, OUTPUT_MAPPING, PREAMBLE_DTYPE, PREAMBLE_SIZE, QUANT_DTYPE, REQUIRED_SECTIONS,
                    VERSION_MAJOR, VERSION_MINOR, WEIGHT_CODING, Architecture, WeightBatch, align,
                    architecture_problem, chunk_payload_layout, flatten_params, param_groups, parse_json, payload_bytes,
@@ -356,6 +356,16 @@ class InrFile:
 
     def _parse_keys_section(self, data: bytes) -> None:
         n, where = self.num_images, "section 'keys'"
+        if self.coded:  # one zstd frame; what it may declare is bounded by N, which `psnr` backs with bytes
+            try:
+                declared = zstandard.frame_content_size(data)
+            except zstandard.ZstdError as e:
+                self._fail(where, f"not a zstd frame ({e})")
+            cap = (n + 1) * KEY_OFFSET_DTYPE.itemsize + n * MAX_KEY_BYTES_PER_IMAGE
+            if not 0 <= declared <= cap:
+                self._fail(where, f"must be one zstd frame declaring its size, at most {cap} bytes for {n} "
+                                  f"images (declares {declared})")
+            data = _decompress_exact(data, declared, lambda msg: self._fail(where, msg))
         table = (n + 1) * KEY_OFFSET_DTYPE.itemsize
         if len(data) < table:
             self._fail(where, f"length {len(data)} is shorter than its offset table ({n + 1} offsets, {table} bytes)")

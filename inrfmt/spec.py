@@ -94,6 +94,8 @@ WEIGHT_CODING = "rans32-p24-x4"  # header.weight_coding: rANS, 32-bit words, 24-
 CODED_INDEX_COLUMNS = (("label", np.dtype("<i4")), ("height", np.dtype("<u4")), ("width", np.dtype("<u4")))
 CODED_INDEX_ROW_BYTES = sum(dt.itemsize for _, dt in CODED_INDEX_COLUMNS)
 CODE_BYTES = 2  # a decoded code is an int16: chunks' raw_length = image_count * P * CODE_BYTES
+# Section `keys` of format 2 is one zstd frame of the format-1.1 bytes; what it may declare is bounded by N.
+MAX_KEY_BYTES_PER_IMAGE = 4096
 # Parameter classes of format 2: a group is one class's tensor (one per hidden layer for the hidden ones).
 PARAM_CLASSES = ("first_w", "first_b", "hidden_w", "hidden_b", "last_w", "last_b")
 MAX_CODE_BITS = 16  # widest code of a group: q in [-2^15, 2^15)

@@ -382,7 +382,8 @@ class InrWriter:
             major = 2
         tables += [("classes", canonical_json(self.classes)), ("metadata", canonical_json(self.metadata))]
         if self._keys is not None:
-            tables.append(("keys", keys_section(self._keys)))
+            keys = keys_section(self._keys)
+            tables.append(("keys", keys if self.grid is None else self._cctx.compress(keys)))
         if self.prior is not None:
             tables.append(("prior", self.prior.to_bytes()))
         pos = PREAMBLE_SIZE + self._blob_bytes

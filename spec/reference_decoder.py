@@ -388,7 +388,14 @@ def decode(data: bytes) -> Decoded:
     # Optional sections: keys (rules 62-64) and prior (rule 65, section 15).
     keys = None
     if "keys" in body:
-        kb = body["keys"]
+        try:  # rule 81: one zstd frame declaring at most (N + 1) * 8 + N * 4096 bytes
+            declared = zstandard.frame_content_size(body["keys"])
+            need(0 <= declared <= 8 * (n + 1) + 4096 * n, 81, "the keys frame's declared size")
+            kb = zstandard.ZstdDecompressor().decompress(body["keys"], max_output_size=declared,
+                                                         allow_extra_data=False)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"rule 81: the keys section is not one zstd frame ({e})") from None
+        need(len(kb) == declared, 81, "the keys frame's size")
         need(len(kb) >= 8 * (n + 1), 64, "the keys section is shorter than its offsets")
         offsets = np.frombuffer(kb, "<u8", count=n + 1).tolist()
         text = kb[8 * (n + 1):]

@@ -798,3 +798,28 @@ def test_library_refuses_a_prior_header_breaking_rule_74(with_prior, edit):
     edited = _prior_with_header_text(section_bytes(with_prior, "prior"), PRIOR_HEADER_EDITS[edit])
     relayout(with_prior, {"prior": edited})
     expect_error(with_prior, "section 'prior'")
+
+
+def test_coded_keys_are_one_bounded_zstd_frame(tmp_path):
+    """Section 16, rule 81: in 2.0 `keys` is a zstd frame of the 1.1 bytes, its declared size capped by N."""
+    import zstandard
+
+    from inrfmt.spec import keys_section
+    grid, codes, meta = coded_inputs(3)
+    keys = ["a/x.png", "", "b/\u00e9.png"]
+    path = write_coded(tmp_path / "k.inr", grid, codes, meta, keys=keys)
+    with InrFile(path) as f:
+        assert f.keys == keys
+    assert ref.decode(open(path, "rb").read()).keys == keys
+    raw = keys_section(keys)
+    assert zstandard.ZstdDecompressor().decompress(section_bytes(path, "keys")) == raw
+    for data, fragments in (
+            (raw, ["section 'keys'", "zstd"]),  # the 1.1 bytes without a frame
+            (zstandard.ZstdCompressor(write_content_size=False).compress(raw), ["section 'keys'", "declares -1"]),
+            (zstandard.ZstdCompressor().compress(raw + bytes(3 * 4096 + 40)), ["section 'keys'", "at most"])):
+        bad = str(tmp_path / f"bad{len(data)}.inr")
+        open(bad, "wb").write(open(path, "rb").read())
+        relayout(bad, {"keys": data})
+        expect_refused_file(bad, *fragments)
+        with pytest.raises(ref.FormatError):
+            ref.decode(open(bad, "rb").read())
