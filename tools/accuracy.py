@@ -364,6 +364,8 @@ def main(argv=None) -> dict:
     original = aggregate(runs["original"])
     inr = aggregate(runs["inr"])
     psnr = summarize(psnrs)
+    from inrfmt.presets import get_preset
+    coded = not args.inr and get_preset(args.preset).code_bits is not None  # format 2: widths, not prune/quant
     result = {
         "tool": "accuracy", "dataset": name, "train_images": len(train), "test_images": len(test),
         "image_size": [int(h), int(w)], "num_classes": num_classes,
@@ -373,7 +375,8 @@ def main(argv=None) -> dict:
         "original": original, "inr": inr,
         "accuracy_drop_points": 100.0 * (original["test_accuracy"] - inr["test_accuracy"]),
         "inr_file": {"path": str(inr_path), "preset": args.preset if not args.inr else None, "steps": args.steps,
-                     "prune": args.prune, "quant": args.quant, "arch": arch, "hidden_dtype": str(hidden_dtype),
+                     **({"bits": args.bits} if coded else {"prune": args.prune, "quant": args.quant}),
+                     "arch": arch, "hidden_dtype": str(hidden_dtype),
                      "file_bytes": int(file_bytes), "bytes_per_image": file_bytes / len(train),
                      "psnr_mean": psnr["mean"], "psnr_p10": psnr["p10"], "psnr_min": psnr["min"],
                      "psnr_index_mean": index_psnr["mean"], "prune_ratio_mean": prune_ratio,
