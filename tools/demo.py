@@ -6,6 +6,8 @@
    the original for comparison (rows below); what to expect is in README.md ("Every preset fits the
    continuous image")
 4. a small classifier trained for a few steps on batches from `ds.loader` with GPU-style augmentation
+5. the default: `inrfmt convert data/sample demo_out/sample_coded.inr` (`--preset auto` picks `small`: every
+   parameter quantized and entropy-coded, format 2.0) and `inrfmt info` of it, next to step 2's size
 """
 from __future__ import annotations
 
@@ -100,6 +102,10 @@ def main() -> None:
     print(f"opened {out.relative_to(ROOT)} on {ds.bank.labels.device}: {len(ds)} images, stats {ds.stats()}")
     write_preview(ds, OUT_DIR / "preview.png")
     train_briefly(ds)
+
+    coded = OUT_DIR / "sample_coded.inr"
+    run_cli("convert", str(SAMPLE.relative_to(ROOT)), str(coded.relative_to(ROOT)), "--overwrite")
+    run_cli("info", str(coded.relative_to(ROOT)))
 
 
 if __name__ == "__main__":
