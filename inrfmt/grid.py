@@ -50,7 +50,8 @@ class CodeGrid:
     @classmethod
     def from_widths(cls, arch: Architecture, bits: dict, ranges: dict) -> "CodeGrid":
         """The grid with `bits[class]` bits per code; a plain group's codes span +-ranges[class] around the
-        prior (step = range / 2^(b-1)); a sine layer's bias is wrapped (its range is the period)."""
+        prior (step = range / 2^(b-1); for hidden layers the range may be a sequence, one per layer); a sine
+        layer's bias is wrapped (its range is the period)."""
         groups = param_groups(arch)
         steps, widths, wrapped = [], [], []
         for g in groups:
@@ -59,7 +60,9 @@ class CodeGrid:
                 steps.append(wrapped_step(g.period_w0, b))
                 wrapped.append(True)
             else:
-                steps.append(np.float32(float(ranges[g.cls]) / 2 ** (b - 1)))
+                r = ranges[g.cls]
+                r = r[g.layer] if g.layer is not None and isinstance(r, (tuple, list)) else r
+                steps.append(np.float32(float(r) / 2 ** (b - 1)))
                 wrapped.append(False)
             widths.append(b)
         return cls(arch, np.array(steps, np.float32), np.array(widths, np.uint8), np.array(wrapped))

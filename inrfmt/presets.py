@@ -28,7 +28,7 @@ from typing import Mapping
 
 from .checks import is_int
 from .errors import InrUsageError
-from .spec import MAX_CODE_BITS, PARAM_CLASSES, Architecture, param_groups
+from .spec import MAX_CODE_BITS, PARAM_CLASSES, Architecture
 
 # The classes of format 2 that have a code range around the prior; the others (first_b, hidden_b: biases of
 # sine layers) are stored modulo their period, which their code width alone divides (spec.ParamGroup.period_w0).
@@ -196,23 +196,10 @@ class Preset:
     def grid(self, bits=None):
         """The `grid.CodeGrid` of this coded preset with the code widths `code_widths(bits)`: a plain
         group's range stays the preset's (its class's, or its hidden layer's), so each extra bit halves its
-        step; a sine layer's bias is wrapped (CodeGrid.from_widths's steps, group by group)."""
-        import numpy as np
+        step; a sine layer's bias is wrapped."""
+        from .grid import CodeGrid
 
-        from .grid import CodeGrid, wrapped_step
-
-        widths = self.code_widths(bits)
-        steps, wrapped = [], []
-        for g in param_groups(self.arch):
-            b = widths[g.cls]
-            if g.period_w0 is not None:
-                steps.append(wrapped_step(g.period_w0, b))
-            else:
-                r = self.code_ranges[g.cls]
-                steps.append(np.float32(float(r[g.layer] if isinstance(r, tuple) else r) / 2 ** (b - 1)))
-            wrapped.append(g.period_w0 is not None)
-        return CodeGrid(self.arch, np.array(steps, np.float32),
-                        np.array([widths[g.cls] for g in param_groups(self.arch)], np.uint8), np.array(wrapped))
+        return CodeGrid.from_widths(self.arch, self.code_widths(bits), self.code_ranges)
 
     def base_rounds(self, prior: bool = False) -> tuple[Round, ...]:
         """The preset's rounds from a random start, or from a learned prior."""
