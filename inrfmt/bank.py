@@ -683,27 +683,20 @@ class TensorBank:
             copied = [None, None]
             stream = torch.cuda.Stream(device=device)
             stream.wait_stream(torch.cuda.current_stream(device))  # the bank tensor was made there
-        workers = workers or min(8, os.cpu_count() or 1)
-        lookahead = workers + 1  # chunks read ahead: bounds host memory to a few chunks
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending = {k: pool.submit(read, k) for k in range(min(lookahead, f.num_chunks))}
-            for k in range(f.num_chunks):
-                packed = pending.pop(k).result()
-                if k + lookahead < f.num_chunks:
-                    pending[k + lookahead] = pool.submit(read, k + lookahead)
-                start, stop = f.chunk_range(k)
-                if cuda:
-                    s = k % 2
-                    if copied[s] is not None:
-                        copied[s].synchronize()
-                    staging[s].numpy()[:stop - start] = packed
-                    with torch.cuda.stream(stream):
-                        codes[start:stop].copy_(staging[s][:stop - start], non_blocking=True)
-                        copied[s] = torch.cuda.Event()
-                        copied[s].record(stream)
-                del packed
-                if progress is not None:
-                    progress(stop, n)
+        for k, packed in _read_in_order(read, f.num_chunks, workers):
+            start, stop = f.chunk_range(k)
+            if cuda:
+                s = k % 2
+                if copied[s] is not None:
+                    copied[s].synchronize()
+                staging[s].numpy()[:stop - start] = packed
+                with torch.cuda.stream(stream):
+                    codes[start:stop].copy_(staging[s][:stop - start], non_blocking=True)
+                    copied[s] = torch.cuda.Event()
+                    copied[s].record(stream)
+            del packed
+            if progress is not None:
+                progress(stop, n)
         if cuda:
             stream.synchronize()
             torch.cuda.current_stream(device).wait_stream(stream)
@@ -753,32 +746,25 @@ class TensorBank:
             stream = torch.cuda.Stream(device=device)
             stream.wait_stream(torch.cuda.current_stream(device))  # the bank tensors were made there
 
-        workers = workers or min(8, os.cpu_count() or 1)
-        lookahead = workers + 1  # chunks read ahead: bounds host memory to a few chunks
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending = {k: pool.submit(f.read_payload, k) for k in range(min(lookahead, f.num_chunks))}
-            for k in range(f.num_chunks):
-                payload = pending.pop(k).result()
-                if k + lookahead < f.num_chunks:
-                    pending[k + lookahead] = pool.submit(f.read_payload, k + lookahead)
-                length = len(payload.raw)
-                value_start = int(value_starts[payload.start])
-                if cuda:
-                    s = k % 2
-                    if copied[s] is not None:
-                        copied[s].synchronize()
-                    staging[s].numpy()[:length] = np.frombuffer(payload.raw, dtype=np.uint8)
-                    with torch.cuda.stream(stream):
-                        raw_device[:length].copy_(staging[s][:length], non_blocking=True)
-                        copied[s] = torch.cuda.Event()
-                        copied[s].record(stream)
-                        _unpack_payload(payload, raw_device[:length], bank, value_start, total, compact)
-                else:
-                    raw_device[:length].copy_(torch.frombuffer(bytearray(payload.raw), dtype=torch.uint8))
+        for k, payload in _read_in_order(f.read_payload, f.num_chunks, workers):
+            length = len(payload.raw)
+            value_start = int(value_starts[payload.start])
+            if cuda:
+                s = k % 2
+                if copied[s] is not None:
+                    copied[s].synchronize()
+                staging[s].numpy()[:length] = np.frombuffer(payload.raw, dtype=np.uint8)
+                with torch.cuda.stream(stream):
+                    raw_device[:length].copy_(staging[s][:length], non_blocking=True)
+                    copied[s] = torch.cuda.Event()
+                    copied[s].record(stream)
                     _unpack_payload(payload, raw_device[:length], bank, value_start, total, compact)
-                del payload
-                if progress is not None:
-                    progress(f.chunk_range(k)[1], n)
+            else:
+                raw_device[:length].copy_(torch.frombuffer(bytearray(payload.raw), dtype=torch.uint8))
+                _unpack_payload(payload, raw_device[:length], bank, value_start, total, compact)
+            del payload
+            if progress is not None:
+                progress(f.chunk_range(k)[1], n)
         if cuda:
             stream.synchronize()
             torch.cuda.current_stream(device).wait_stream(stream)
@@ -794,6 +780,20 @@ class TensorBank:
         # The reader checked every payload (bitmap counts == nnz, clean padding bits): no second check here.
         return cls(arch, hidden_scale=scales, labels=labels, heights=heights, widths=widths,
                    load_seconds=time.perf_counter() - start_time, check_compact=False, **bank)
+
+
+def _read_in_order(read, count: int, workers: int | None):
+    """Yield (k, read(k)) for k = 0..count-1 in order, read by worker threads a few chunks ahead (at most
+    workers + 1 in flight: host memory stays bounded to a few chunks)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    lookahead = workers + 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = {k: pool.submit(read, k) for k in range(min(lookahead, count))}
+        for k in range(count):
+            result = pending.pop(k).result()
+            if k + lookahead < count:
+                pending[k + lookahead] = pool.submit(read, k + lookahead)
+            yield k, result
 
 
 def _typed(segment: torch.Tensor, np_dtype: np.dtype, shape) -> torch.Tensor:
