@@ -154,20 +154,11 @@ def coded_layout(grid: CodeGrid) -> CodedLayout:
 _LE_INT32 = np.dtype("<i4")
 
 
-def pack_codes(codes: np.ndarray, layout: CodedLayout, out: np.ndarray | None = None,
-               check_grid: CodeGrid | None = None) -> np.ndarray:
-    """Codes int [n, P] -> the coded bank's rows int32 [n, words_per_image] (into `out` when given).
-    With `check_grid`, a code outside its group's range is an InrUsageError (else it must not happen: it
-    would spill into its neighbours' lanes)."""
+def pack_codes(codes: np.ndarray, layout: CodedLayout, out: np.ndarray | None = None) -> np.ndarray:
+    """Codes int [n, P] -> the coded bank's rows int32 [n, words_per_image] (into `out` when given). Every
+    code must lie in its group's range (CodeGrid.check_codes; the reader's decoder guarantees it): one
+    outside would spill into its neighbours' lanes."""
     n = codes.shape[0]
-    if check_grid is not None:
-        bad = (codes < -layout.half) | (codes >= layout.half)
-        if bad.any():
-            col = int(np.argwhere(bad)[0][1])
-            g = next(i for i, group in enumerate(layout.groups) if group[0] <= col < group[1])
-            b = int(check_grid.bits[g])
-            raise InrUsageError(f"TensorBank.from_codes: a code of group {param_groups(check_grid.arch)[g].name} "
-                                f"is outside its {b}-bit range [{-(1 << (b - 1))}, {(1 << (b - 1)) - 1}]")
     # Lanes are written through byte and 16-bit views of little-endian words: one pass per group, and
     # the words' values are the layout's on any host.
     rows = out if out is not None and out.dtype == _LE_INT32 else np.empty((n, layout.words_per_image), _LE_INT32)
@@ -601,17 +592,15 @@ class TensorBank:
         if device is None:
             device = codes.device if isinstance(codes, torch.Tensor) else torch.device("cpu")
         device = torch.device(device)
-        host = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+        host = grid.check_codes(codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else codes,
+                                "TensorBank.from_codes")
         p = arch.params_per_image
-        if host.ndim != 2 or host.shape[1] != p or host.dtype.kind not in "iu":
-            raise InrUsageError(f"TensorBank.from_codes: codes must be integers of shape [n, {p}], got "
-                                f"{host.dtype} {list(host.shape)}")
         layout = coded_layout(grid)
         n = host.shape[0]
         packed = np.empty((n, layout.words_per_image), np.int32)
         step = max(1, _BLOCK_ELEMENTS // p)
         for i in range(0, n, step):
-            pack_codes(host[i:i + step], layout, out=packed[i:i + step], check_grid=grid)
+            pack_codes(host[i:i + step], layout, out=packed[i:i + step])
         if theta0 is not None:
             t0 = theta0.detach() if isinstance(theta0, torch.Tensor) else torch.from_numpy(np.asarray(theta0))
             if not t0.dtype.is_floating_point or tuple(t0.shape) != (p,):

@@ -225,13 +225,10 @@ def _group_params(params: siren.SirenParams, batch: FitBatch, group: SizeGroup) 
     return siren.SirenParams(*(t.index_select(0, group.members) for t in params))
 
 
-def theta0_of(prior: Prior | None, arch: Architecture, device) -> torch.Tensor | None:
+def theta0_of(prior: Prior | None, device) -> torch.Tensor | None:
     """The prior's values as a float32 [P] tensor in flat parameter order (spec.param_groups), the origin
     of every code; None without a prior (codes around 0)."""
-    if prior is None:
-        return None
-    flat = flatten_params({k: np.asarray(v, np.float32)[None] for k, v in prior.theta0.items()}, arch)
-    return torch.from_numpy(np.ascontiguousarray(flat[0])).to(device)
+    return None if prior is None else torch.from_numpy(prior.flat_theta0()).to(device)
 
 
 def _as_params(flat: torch.Tensor, arch: Architecture) -> siren.SirenParams:
@@ -426,7 +423,7 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
         if grid is not None and r.prune != "none":
             raise ValueError(f"round {i + 1} prunes: a coded fit (grid) has no masks")
     spans = cosine_spans(rounds)
-    theta0 = theta0_of(prior, arch, device) if grid is not None else None
+    theta0 = theta0_of(prior, device) if grid is not None else None
     params = initial_params(arch, keys.init()) if prior is None else prior_params(prior, n, device)
     lr_scale = prior_lr_scale(prior, device)
     tie_grey_outputs(params, grey)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InrUsageError
 from .spec import MAX_CODE_BITS, QUANT_DTYPE, Architecture, param_groups
 
 
@@ -84,6 +85,21 @@ class CodeGrid:
 
     def __hash__(self) -> int:
         return hash((self.arch, self.table().tobytes()))
+
+    def check_codes(self, codes, where: str) -> np.ndarray:
+        """`codes` as a numpy integer array [n, P] whose every group's codes lie in its range; otherwise an
+        InrUsageError naming `where`, the group and its range."""
+        codes = np.asarray(codes)
+        p = self.arch.params_per_image
+        if codes.ndim != 2 or codes.shape[1] != p or codes.dtype.kind not in "iu":
+            raise InrUsageError(f"{where}: codes must be integers of shape [n, {p}], got {codes.dtype} "
+                                f"{list(codes.shape)}")
+        for g, b in zip(param_groups(self.arch), self.bits):
+            part, half = codes[:, g.offset:g.stop], 1 << (int(b) - 1)
+            if part.size and (int(part.min()) < -half or int(part.max()) >= half):
+                raise InrUsageError(f"{where}: a code of group {g.name} is outside its {int(b)}-bit range "
+                                    f"[{-half}, {half - 1}]")
+        return codes
 
     def per_param(self, device=None) -> tuple:
         """(step float32 [P], bits int32 [P], wrapped bool [P]) torch tensors on `device`: each group's entry

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InrFormatError, InrUsageError
-from .spec import Architecture, architecture_problem, canonical_json, parse_json
+from .spec import Architecture, architecture_problem, canonical_json, flatten_params, parse_json
 
 PRIOR_MAGIC = b"\x89INP\r\n\x1a\n"
 PRIOR_FORMAT = "inr-prior"
@@ -77,6 +77,11 @@ class Prior:
     __hash__ = None
 
     # -- the file ---------------------------------------------------------------------------------
+    def flat_theta0(self) -> np.ndarray:
+        """theta0 as one float32 vector [P] in format 2's parameter-group order (spec.param_groups): the
+        origin of a coded file's codes."""
+        return flatten_params({name: value[None] for name, value in self.theta0.items()}, self.arch)[0]
+
     def to_bytes(self) -> bytes:
         """The prior file: preamble, canonical JSON header, float32 arrays (theta0, then lr_scale)."""
         arrays = [(f"{THETA0}.{n}", a) for n, a in self.theta0.items()]  # parameter order (__post_init__)

@@ -1,14 +1,13 @@
-"""Quantization and pruning of the per-image weights (batched): the only place either is written down.
+"""Format 1's quantization and pruning of the per-image weights (batched): the only place either is written.
 
-Format 1: hidden-layer weights are pruned (L1, by a fixed or a PSNR-dependent ratio) and stored as int8
-with a per-image, per-layer scale (or as float16/float32). Format 2 quantizes every parameter on a per-file
-grid: `CodeGrid`, in grid.py (torch-free, so the reader can use it). Masks are "keep" masks: True = kept, False = pruned.
+Hidden-layer weights are pruned (L1, by a fixed or a PSNR-dependent ratio) and stored as int8 with a
+per-image, per-layer scale (or as float16/float32). Masks are "keep" masks: True = kept, False = pruned.
+Format 2 quantizes every parameter on a per-file grid instead: `grid.CodeGrid` (torch-free, for the reader).
 """
 from __future__ import annotations
 
 import torch
 
-from .grid import CodeGrid  # noqa: F401  (format 2's grid: quantization of every parameter)
 from .presets import PruneRule
 
 # convert's `quant` (bits of a hidden weight) -> the hidden dtype stored in the file.

@@ -26,7 +26,7 @@ from .spec import (ALIGNMENT, CHECKED_AT_OPEN, CHUNK_DTYPE, CODE_BYTES, CODED_IN
                    KEY_OFFSET_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_KEY_BYTES_PER_IMAGE, MAX_HEADER_BYTES, OPTIONAL_SECTIONS, OUT_FEATURES,
                    OUTPUT_LAYER, OUTPUT_MAPPING, PREAMBLE_DTYPE, PREAMBLE_SIZE, QUANT_DTYPE, REQUIRED_SECTIONS,
                    VERSION_MAJOR, VERSION_MINOR, WEIGHT_CODING, Architecture, WeightBatch, align,
-                   architecture_problem, chunk_payload_layout, flatten_params, param_groups, parse_json, payload_bytes,
+                   architecture_problem, chunk_payload_layout, param_groups, parse_json, payload_bytes,
                    prune_ratio_of, unflatten_params)
 
 # Set bits of every byte value: a bitmap's kept-weight count without unpacking it.
@@ -276,6 +276,8 @@ class InrFile:
             if got != want:
                 self._fail(f"section {name!r}", f"length {got} does not match num_images={n}, num_chunks="
                                                 f"{self.num_chunks}, architecture (expected {want})")
+        self.chunks = np.frombuffer(self._section_bytes("chunks"), CHUNK_DTYPE).copy()
+        self.chunks.setflags(write=False)
         self.grid, self.tables, self._decoder = None, None, None
         if self.coded:
             self._load_coding()
@@ -285,8 +287,6 @@ class InrFile:
             self.scales = np.frombuffer(self._section_bytes("scales"), "<f4").copy().reshape(n, a.hidden_layers)
             self.scales.setflags(write=False)
         self.index.setflags(write=False)
-        self.chunks = np.frombuffer(self._section_bytes("chunks"), CHUNK_DTYPE).copy()
-        self.chunks.setflags(write=False)
         self.classes = self._json_section("classes", list)
         if not all(isinstance(c, str) for c in self.classes):
             self._fail("section 'classes'", "must be a JSON array of strings")
@@ -325,7 +325,7 @@ class InrFile:
             pos += n * dt.itemsize
         # What format 1 stores per image follows from the chunk table: nothing is pruned.
         total = self.arch.hidden_total
-        counts = np.frombuffer(self._section_bytes("chunks"), CHUNK_DTYPE)["image_count"].astype(np.int64)
+        counts = self.chunks["image_count"].astype(np.int64)
         if n and int(counts.sum()) == n:  # else the chunk table check refuses the file
             index["chunk"] = np.repeat(np.arange(len(counts)), counts)
             first = np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
@@ -567,8 +567,7 @@ class InrFile:
         """The prior's values as one float32 vector [P] in parameter-group order (zeros without a prior)."""
         if self.prior is None:
             return np.zeros(self.arch.params_per_image, np.float32)
-        one = {name: value[None] for name, value in self.prior.theta0.items()}
-        return flatten_params(one, self.arch)[0].astype(np.float32)
+        return self.prior.flat_theta0()
 
     def read_codes(self, k: int) -> np.ndarray:
         """Chunk k of a coded file: its images' codes, int16 [n, P] (CRC-32 and the whole rANS message

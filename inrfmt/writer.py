@@ -23,7 +23,7 @@ from .reader import InrFile
 from .spec import (CHUNK_DTYPE, CODE_BYTES, CODED_INDEX_COLUMNS, FLOAT_DTYPES, FORMAT_NAME, HIDDEN_DTYPES,
                    INDEX_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_HEADER_BYTES, PREAMBLE_DTYPE, PREAMBLE_SIZE,
                    WEIGHT_CODING, DTYPES, Architecture, WeightBatch, align, canonical_json, chunk_payload_layout,
-                   keys_section, minor_version, param_groups, payload_bytes, prune_ratio_of)
+                   keys_section, minor_version, payload_bytes, prune_ratio_of)
 
 DEFAULT_ZSTD_LEVEL = 9
 
@@ -37,7 +37,7 @@ class InrWriter:
     Source keys: pass `keys` (one string per image) to every add()/append_chunk() or to none; with keys the
     file gets a `keys` section; with keys or a prior the file is version 1.1, with neither 1.0.
 
-    Format 2 (coded): give `grid` (a quantize.CodeGrid for `arch`) and add images with add_codes(); the
+    Format 2 (coded): give `grid` (a grid.CodeGrid for `arch`) and add images with add_codes(); the
     writer keeps their codes in a temporary file beside `path` and on close fits one probability table per
     parameter group over all of them and entropy-codes the chunks (version 2.0). `prior` is then the
     theta0 the codes are residuals of."""
@@ -159,18 +159,8 @@ class InrWriter:
         if self.grid is None:
             raise InrUsageError("InrWriter.add_codes: this writer has no grid (format 1): use add")
         try:
-            codes = np.asarray(codes)
-            p = self.arch.params_per_image
-            if codes.ndim != 2 or codes.shape[1] != p or codes.dtype.kind not in "iu":
-                raise InrUsageError(f"InrWriter.add_codes: codes must be integers of shape [n, {p}], got "
-                                    f"{codes.dtype} {codes.shape}")
+            codes = self.grid.check_codes(codes, "InrWriter.add_codes")
             n = len(codes)
-            for g, b in zip(param_groups(self.arch), self.grid.bits):
-                part = codes[:, g.offset:g.stop]
-                half = 1 << (int(b) - 1)
-                if part.size and (int(part.min()) < -half or int(part.max()) >= half):
-                    raise InrUsageError(f"InrWriter.add_codes: a code of group {g.name} is outside its {int(b)}-bit "
-                                        f"range [{-half}, {half - 1}]")
             rows = self._index_rows(n, labels, heights, widths, psnr)
             self._add_keys(keys, n, "InrWriter.add_codes")
             codes = np.ascontiguousarray(codes, coding.CODE_DTYPE)

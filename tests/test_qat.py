@@ -82,7 +82,7 @@ def test_codes_are_residuals_of_the_prior_within_their_widths():
     for g, b in zip(param_groups(SMALL.arch), grid.bits):
         part = r.codes[:, g.offset:g.stop]
         assert part.min() >= -(1 << (int(b) - 1)) and part.max() < (1 << (int(b) - 1)), g.name
-    theta0 = theta0_of(prior, SMALL.arch, "cpu").numpy()
+    theta0 = theta0_of(prior, "cpu").numpy()
     values = grid.values_numpy(r.codes, theta0)
     np.testing.assert_allclose(decode_psnr(values, images, SMALL.arch), r.psnr, atol=0.02)
     # 12 steps from the prior barely move it: most codes are small residuals, not the prior's values

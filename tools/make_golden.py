@@ -126,15 +126,8 @@ def write_case(case: dict, out_dir: str) -> dict:
         index = [{k: (float(row[k]) if isinstance(row[k], np.floating) else int(row[k]))
                   for k in f.index.dtype.names} for row in f.index]
         expected = {
-            "file": case["name"] + ".inr",
-            "version": list(f.version),
-            "file_bytes": f.file_bytes,
-            "architecture": {"sine_layers": arch.sine_layers, "width": arch.width, "w0": arch.w0,
-                             "first_w0": arch.first_w0},
+            **common_expectations(f, case),
             "hidden_dtype": f.hidden_dtype, "float_dtype": f.float_dtype, "has_masks": f.has_masks,
-            "num_images": f.num_images, "num_chunks": f.num_chunks,
-            "chunk_ranges": [list(f.chunk_range(k)) for k in range(f.num_chunks)],
-            "classes": f.classes, "metadata": f.metadata,
             "index": index,
             "scales": f.scales.tolist(),
             "pixel_atol": PIXEL_ATOL,
@@ -189,6 +182,22 @@ def coded_grid(arch: Architecture, groups) -> CodeGrid:
              for (b, step, *_), period in zip(groups, periods)]
     return CodeGrid(arch, np.array(steps, np.float32), np.array([g[0] for g in groups], np.uint8),
                     np.array([g[1] == "wrapped" for g in groups]))
+
+
+def common_expectations(f: InrFile, case: dict) -> dict:
+    """What a reader must return for any golden file, both majors: version, sizes, network, chunking,
+    class names and metadata."""
+    arch = f.arch
+    return {
+        "file": case["name"] + ".inr",
+        "version": list(f.version),
+        "file_bytes": f.file_bytes,
+        "architecture": {"sine_layers": arch.sine_layers, "width": arch.width, "w0": arch.w0,
+                         "first_w0": arch.first_w0},
+        "num_images": f.num_images, "num_chunks": f.num_chunks,
+        "chunk_ranges": [list(f.chunk_range(k)) for k in range(f.num_chunks)],
+        "classes": f.classes, "metadata": f.metadata,
+    }
 
 
 def group_sizes(arch: Architecture) -> list[int]:
@@ -299,17 +308,11 @@ def write_coded_case(case: dict, out_dir: str) -> dict:
     names, sizes = group_names(arch), group_sizes(arch)
     with InrFile(path) as f:
         expected = {
-            "file": case["name"] + ".inr",
-            "version": list(f.version),
-            "file_bytes": f.file_bytes,
-            "architecture": {"sine_layers": arch.sine_layers, "width": arch.width, "w0": arch.w0,
-                             "first_w0": arch.first_w0},
+            **common_expectations(f, case),
             "weight_coding": f.header["weight_coding"],
-            "num_images": f.num_images, "num_chunks": f.num_chunks,
-            "chunk_ranges": [list(f.chunk_range(k)) for k in range(f.num_chunks)],
             "chunks": [{"compressed_length": int(c["compressed_length"]), "raw_length": int(c["raw_length"]),
                         "crc32": int(c["crc32"])} for c in f.chunks],
-            "classes": f.classes, "metadata": f.metadata, "keys": f.keys,
+            "keys": f.keys,
             "prior": None if prior is None else {"name": prior.name, "theta0_sha256": params_sha256(theta0[None])},
             "quant": [{"group": name, "step": float(grid.steps[g]), "bits": int(grid.bits[g]),
                        "wrapped": bool(grid.wrapped[g])} for g, name in enumerate(names)],
