@@ -2,7 +2,7 @@
 """Static report of the fused decode kernel, without a GPU: compile, read the SASS, bound the throughput.
 
 Every shipped configuration (each preset's net, plus the 10x28 net of the decode targets, with and without a
-coordinate transform) is compiled with the installed triton for sm_90 and sm_80 exactly as decode_triton
+coordinate transform, reading a format-1 bank's int8 hidden weights or a coded bank's float32 batch) is compiled with the installed triton for sm_90 and sm_80 exactly as decode_triton
 launches it (tools/kernel_compile.py, triton's bundled ptxas), and its SASS is read with triton's bundled
 nvdisasm. For each configuration and output size (32x32 at batch 4096, 224x224 at batch 256) it reports
 
@@ -75,6 +75,9 @@ DEVICES = {
 SMEM_RESERVED_PER_BLOCK = 1024  # the driver's per-block shared-memory reservation (sm_80 and later)
 
 # (sine_layers, width) of every preset, plus the 10x28 net of the decode targets.
+# What the kernel reads, by bank: a format-1 bank's int8 hidden weights, or a coded (format 2) bank's batch
+# dequantized into a float32 scratch (the same kernel, specialised for float32 hidden weights).
+BANKS = {"int8": "int8", "coded": "float32"}
 NETS = sorted({(p.arch.sine_layers, p.arch.width) for p in PRESETS.values()} | {(10, 28)})
 SIZES = ((32, 4096), (224, 256))  # (output side, batch): the decode benchmark's cases
 
@@ -174,20 +177,23 @@ def bounds(device: DeviceModel, counts: dict, warps: int, size: int, batch: int,
             "sfu_img_s": clocks * device.sfu_per_clk_sm / (32 * (per_image("mufu") + per_image("conversions")))}
 
 
-def analyse(sine_layers: int, width: int, has_theta: bool, capability: int, **overrides) -> dict:
+def analyse(sine_layers: int, width: int, has_theta: bool, capability: int, bank: str = "int8",
+            **overrides) -> dict:
     """Compile one configuration (and its no-hidden-layer twin for the per-layer difference) and report it.
+    `bank`: what the kernel reads, a format-1 bank's int8 hidden weights or a coded bank's batch (BANKS).
     `overrides`: kernel_config's block_pixels / num_warps, to compare tile shapes."""
     hidden = sine_layers - 1
+    hidden_dtype = BANKS[bank]
     config = siren_decode.kernel_config(width, hidden, has_theta=has_theta, **overrides)
     start = time.perf_counter()
-    compiled = compile_for_target(width, hidden, capability=capability, config=config)
+    compiled = compile_for_target(width, hidden, capability=capability, config=config, hidden_dtype=hidden_dtype)
     compile_seconds = time.perf_counter() - start
     sass, resources = read_cubin(compiled.asm["cubin"])
     counts = tile_loop_counts(sass)
     c = config.constexprs
     warps, block, held = config.num_warps, c["BLOCK_P"], c["WP"]
     smem = int(compiled.metadata.shared) + resources.get("SHARED", 0)
-    row = {"net": f"{sine_layers}x{width}", "theta": has_theta, "capability": capability,
+    row = {"net": f"{sine_layers}x{width}", "theta": has_theta, "capability": capability, "bank": bank,
            "held_width": held, "block_pixels": block, "num_warps": warps, "maxnreg": config.maxnreg,
            "staged": c["STAGED"], "one_units": c["ONES"], "live_units": c["LIVE"],
            "registers": resources["REG"], "spilled_bytes": resources.get("LOCAL", 0),
@@ -198,7 +204,7 @@ def analyse(sine_layers: int, width: int, has_theta: bool, capability: int, **ov
         base = siren_decode.kernel_config(width, 0, has_theta=has_theta, block_pixels=block, num_warps=warps)
         base = base._replace(maxnreg=config.maxnreg)
         base_counts = tile_loop_counts(read_cubin(compile_for_target(
-            width, 0, capability=capability, config=base).asm["cubin"])[0])["tile"]
+            width, 0, capability=capability, config=base, hidden_dtype=hidden_dtype).asm["cubin"])[0])["tile"]
         elements = block * held / (32 * warps)  # activations per thread per layer per tile
         layer = {k: (counts["tile"][k] - base_counts[k]) / hidden
                  for k in ("instructions", "mufu_sin", "conversions", "barriers")}
@@ -225,7 +231,7 @@ def check(rows: list[dict]) -> list[str]:
         for (net, size), (max_per_element, min_issue) in TARGETS.items():
             if row["net"] != net:
                 continue
-            label = f"{net} at {size}^2 ({'theta' if row['theta'] else 'no theta'})"
+            label = f"{net} at {size}^2 ({'theta' if row['theta'] else 'no theta'}, {row['bank']} bank)"
             per_element = row.get("layer_loop", {}).get("instructions_per_element")
             if max_per_element is not None and per_element > max_per_element:
                 missed.append(f"{label}: {per_element:.2f} instructions per activation element > {max_per_element}")
@@ -245,9 +251,9 @@ def render(report: dict) -> str:
              "at max boost clock: " + "; ".join(
                  f"{d['name']} {d['sms']} SMs at {d['clock_ghz']} GHz" for d in report["device_models"]) + ".",
              "",
-             "| sm | net | θ | size | regs | spill | smem KB | progs/SM | instr/elem | MUFU/elem | cvt/elem | "
+             "| sm | net | bank | θ | size | regs | spill | smem KB | progs/SM | instr/elem | MUFU/elem | cvt/elem | "
              "tile instr | device | sine-bound | SFU-bound | issue-bound |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         layer = row.get("layer_loop")
         per = (f"{layer['instructions_per_element']:.2f} | {layer['mufu_sin_per_element']:.2f} | "
@@ -255,7 +261,7 @@ def render(report: dict) -> str:
         for name, dev in row["devices"].items():
             for size, b in dev["sizes"].items():
                 lines.append(
-                    f"| {row['capability']} | {row['net']} | {'yes' if row['theta'] else 'no'} | {size}² | "
+                    f"| {row['capability']} | {row['net']} | {row['bank']} | {'yes' if row['theta'] else 'no'} | {size}² | "
                     f"{row['registers']} | {row['spilled_bytes']} | {row['shared_bytes'] / 1024:.1f} | "
                     f"{dev['programs_per_sm']} ({dev['limited_by']}) | {per} | {row['tile_loop']['instructions']} | "
                     f"{name} | {_rate(b['sine_img_s'])} | {_rate(b['sfu_img_s'])} | {_rate(b['issue_img_s'])} |")
@@ -268,6 +274,9 @@ def main(argv=None) -> int:
                     help="compile for this compute capability only (repeatable; default: all)")
     ap.add_argument("--net", action="append", metavar="SxW", help="only this net, e.g. 10x28 (repeatable)")
     ap.add_argument("--theta", choices=("both", "yes", "no"), default="both", help="with a coordinate transform")
+    ap.add_argument("--bank", choices=("both", *BANKS), default="both",
+                    help="what the kernel reads: a format-1 bank's int8 hidden weights, a coded bank's dequantized "
+                         "batch (float32), or both")
     ap.add_argument("--block-pixels", type=int, help="pixels per tile instead of the default (to compare)")
     ap.add_argument("--num-warps", type=int, help="warps per program instead of the default (to compare)")
     ap.add_argument("--json", metavar="FILE", help="also write the report as JSON")
@@ -281,14 +290,16 @@ def main(argv=None) -> int:
             ap.error(f"--net must look like 10x28, got {args.net}")
     thetas = {"both": (False, True), "yes": (True,), "no": (False,)}[args.theta]
     capabilities = args.capability or sorted(DEVICES, reverse=True)
+    banks = tuple(BANKS) if args.bank == "both" else (args.bank,)
     rows = []
     for capability in capabilities:
         for sine_layers, width in nets:
-            for has_theta in thetas:
-                rows.append(analyse(sine_layers, width, has_theta, capability, block_pixels=args.block_pixels,
-                                    num_warps=args.num_warps))
-                print(f"  compiled {sine_layers}x{width} theta={has_theta} sm_{capability} "
-                      f"({rows[-1]['compile_seconds']} s)", file=sys.stderr)
+            for bank in banks:
+                for has_theta in thetas:
+                    rows.append(analyse(sine_layers, width, has_theta, capability, bank,
+                                        block_pixels=args.block_pixels, num_warps=args.num_warps))
+                    print(f"  compiled {sine_layers}x{width} {bank} theta={has_theta} sm_{capability} "
+                          f"({rows[-1]['compile_seconds']} s)", file=sys.stderr)
     report = {"tool": "tools/kernel_report.py", "triton": triton.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
               "device_models": [asdict(d) for c in capabilities for d in DEVICES[c]],
