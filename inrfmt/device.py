@@ -64,3 +64,33 @@ def describe(device) -> str:
 def triton_interpreted() -> bool:
     """True when TRITON_INTERPRET asks triton to run kernels in its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+_HEAP_KEPT = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory in the process (no trimming of the heap, no mmap for blocks
+    under 32 MiB); True when it took effect, False where the C library is not glibc. Once per process.
+
+    Why: a CPU fit frees and reallocates the same few-MiB activations every step; by default glibc hands
+    them back to the kernel and page-faults them in again, which cost about a quarter of a 3x16 fit's time
+    on a 2-core VM (BENCHMARKS.md, "Speed"). The price is that the process keeps its peak heap."""
+    global _HEAP_KEPT
+    if _HEAP_KEPT:
+        return True
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+        gnu = getattr(libc, "gnu_get_libc_version", None)
+    except OSError:
+        return False
+    if mallopt is None or gnu is None:  # musl, macOS, Windows: leave their allocators alone
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    _HEAP_KEPT = bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    return _HEAP_KEPT

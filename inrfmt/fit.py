@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import rng, siren
+from . import device as devices, rng, siren
 from .grid import CodeGrid
 from .presets import Round, cosine_spans
 from .prior import Prior
@@ -282,6 +282,8 @@ def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, 
     if not 0.0 <= start <= stop <= 1.0:
         raise ValueError(f"cosine must be (start, stop) with 0 <= start <= stop <= 1, got {cosine!r}")
     device = params.first_w.device
+    if device.type == "cpu":
+        devices.keep_freed_memory()
     if keys is None:
         keys = DrawKeys.of(0, None, batch.n, device)
     fused = device.type == "cuda"

@@ -160,6 +160,19 @@ def test_pixel_subsampling_fits():
     assert torch.all(fit_psnr(params, batch, ARCH) > before + 5)
 
 
+def test_cpu_fit_keeps_freed_memory_on_glibc():
+    import platform
+
+    from inrfmt import device as devices
+
+    images = sample_images(2, (8, 8))
+    train_round(init(2, seed=1), prepare_batch(images, "cpu"), ARCH, steps=1, lr=1e-3)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert devices._HEAP_KEPT and devices.keep_freed_memory()  # set by the CPU fit, once per process
+    else:
+        assert devices.keep_freed_memory() is False
+
+
 def _independent_psnr(path, originals):
     """Decode every image of the file with siren.forward on the dequantized weights at its original size."""
     with InrFile(path) as f:

@@ -172,8 +172,8 @@ def test_coded_presets_and_their_code_widths():
         assert [int(b) for b in grid.bits] == [p.code_bits[g.cls] for g in param_groups(p.arch)]
         assert Prior.builtin(p.name).arch == p.arch
     assert small.code_bits["hidden_w"] == 4 and large.code_bits["first_w"] > 8
-    assert [r.steps for r in small.schedule(prior=True)] == [150, 100]
-    assert [r.steps for r in small.schedule(300, prune=False)] == [300, 200]  # nothing to prune: QAT stays
+    assert [r.steps for r in small.schedule(prior=True)] == [300, 200]
+    assert [r.steps for r in small.schedule(600, prune=False)] == [600, 400]  # nothing to prune: QAT stays
     assert [(r.steps, r.lr) for r in large.schedule()] == [(1200, 1e-3), (300, 1e-3)]
     # --bits: hidden_w's width, or per class; the range stays, so one more bit halves the step
     g4, g5 = small.grid(), small.grid(5)

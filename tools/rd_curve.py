@@ -300,7 +300,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(REPO / "bench_out" / "rd"), help="where rd.json and rd.png go")
     p.add_argument("--work", default=None, help="scratch for the PNG tree and .inr files (default: OUT/work)")
     p.add_argument("--presets", nargs="*", default=["fast"],
-                   help="NAME or NAME:STEPS (convert --steps for that preset); none: codecs only")
+                   help="NAME or NAME:STEPS (convert --steps for that preset); no NAME: codecs only")
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                    help="format-1 presets: pruning and hidden dtypes to measure")
     p.add_argument("--bits", nargs="+", default=None, metavar="SPEC",
