@@ -527,7 +527,8 @@ class TensorBank:
         grid.values(q, theta0), the one dequantization every decoder matches."""
         # q as float32 is exact (|q| <= 2^15), so grid.values' conversion is the identity and its float32
         # product and sum are the same operations on the same numbers.
-        return self.grid.values(self.unpacked_codes(indices, torch.float32), self.theta0 if self._has_prior else None)
+        return self.grid.values(self.unpacked_codes(indices, torch.float32), self.theta0 if self._has_prior else None,
+                                in_place=True)
 
     def params(self, indices: torch.Tensor):
         """Dequantized float32 `siren.SirenParams` of the images at `indices` (a long tensor on the bank's device)."""

@@ -127,13 +127,22 @@ class CodeGrid:
                         torch.maximum(torch.minimum(q, half - 1), -half))
         return q.to(torch.int16)
 
-    def values(self, codes, theta0=None):
-        """Codes int [n, P] -> float32 [n, P] = theta0 + step * q (a float32 product, then a float32 sum)."""
+    def values(self, codes, theta0=None, *, in_place: bool = False):
+        """Codes int [n, P] -> float32 [n, P] = theta0 + step * q (a float32 product, then a float32 sum).
+        in_place: `codes` is a float32 tensor of codes that may be overwritten with the result (no new
+        [n, P] tensor: for a bank's batch of codes)."""
         import torch
 
         step = self.per_param(codes.device)[0]
-        out = codes.to(torch.float32) * step
-        return out if theta0 is None else out + theta0.to(torch.float32)
+        if in_place:
+            if codes.dtype != torch.float32:
+                raise ValueError(f"values(in_place=True) needs float32 codes, got {codes.dtype}")
+            out = codes.mul_(step)
+        else:
+            out = codes.to(torch.float32) * step
+        if theta0 is None:
+            return out
+        return out.add_(theta0.to(torch.float32)) if in_place else out + theta0.to(torch.float32)
 
     def values_numpy(self, codes: np.ndarray, theta0: np.ndarray | None = None) -> np.ndarray:
         """`values` in numpy (the same float32 operations, so the same bits)."""

@@ -125,7 +125,7 @@ class ParamGroup:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # Python ints: no overflow, and per decoded batch np.prod's overhead shows
 
     @property
     def stop(self) -> int:
@@ -182,10 +182,14 @@ def unflatten_params(flat, arch: "Architecture") -> dict:
     for cls, parts in hidden.items():
         if isinstance(flat, np.ndarray):
             out[cls] = np.stack(parts, axis=1) if parts else np.zeros((n, *shapes[cls]), flat.dtype)
-        else:
-            import torch
-
-            out[cls] = torch.stack(parts, dim=1) if parts else flat.new_zeros((n, *shapes[cls]))
+        elif not parts:
+            out[cls] = flat.new_zeros((n, *shapes[cls]))
+        else:  # the layers of a class lie at a fixed distance from each other: one strided view, no copy
+            first = next(g for g in param_groups(arch) if g.cls == cls)
+            layer_step = first.size + next(g.size for g in param_groups(arch) if g.layer == 0 and g.cls != cls)
+            inner = [flat.stride(1) * math.prod(first.shape[i + 1:]) for i in range(len(first.shape))]
+            out[cls] = flat.as_strided((n, len(parts), *first.shape), (flat.stride(0), layer_step * flat.stride(1),
+                                       *inner), flat.storage_offset() + first.offset * flat.stride(1))
     return {name: out[name] for name in PARAM_CLASSES}
 
 

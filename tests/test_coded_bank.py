@@ -120,6 +120,13 @@ def test_params_and_decode_torch_are_grid_values_exactly():
     zeros = grid.values(codes[idx], torch.zeros(arch.params_per_image))
     assert torch.equal(plain.values(idx), zeros) and torch.equal(zeros, grid.values(codes[idx]))
     assert not torch.signbit(plain.values(idx)[zeros == 0]).any()  # no -0.0 either
+    # in_place: the same bits, written over the float32 codes given; other dtypes are refused.
+    q = codes[idx].to(torch.float32)
+    assert grid.values(q, theta0, in_place=True) is q and torch.equal(q, values)
+    with pytest.raises(ValueError, match="float32"):
+        grid.values(codes[idx], theta0, in_place=True)
+    # unflatten_params of a tensor: views of it, the hidden layers included (no copy per decoded batch).
+    assert all(t.untyped_storage().data_ptr() == values.untyped_storage().data_ptr() for t in expected.values())
 
 
 def test_dense_conversion_and_device_moves_keep_the_values():
