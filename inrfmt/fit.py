@@ -455,7 +455,7 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
         done += r.steps
     if grid is not None:
         return _coded_result(params, batch, arch, grid, theta0, grey, images if originals is None else originals,
-                             n * done)
+                             n * done, tie=prior is None or prior.outputs_tied)
     with torch.no_grad():
         tie_grey_outputs(params, grey)  # exactly grey, whatever the rounding of the steps
         fitted_psnr = fit_psnr(params, batch, arch)
@@ -493,13 +493,15 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
 @torch.no_grad()
 def _coded_result(params: siren.SirenParams, batch: FitBatch, arch: Architecture, grid: CodeGrid,
                   theta0: torch.Tensor | None, grey: np.ndarray, originals: list[np.ndarray],
-                  img_steps: int) -> FitResult:
-    """The FitResult of a coded fit: the codes of `params` on `grid` and the model they decode to."""
+                  img_steps: int, tie: bool) -> FitResult:
+    """The FitResult of a coded fit: the codes of `params` on `grid` and the model they decode to. tie: the
+    output channels share their origin (no prior, or one with outputs_tied), so tied channels get equal
+    codes and the grey images are made exactly grey."""
     n = batch.n
-    if theta0 is None:  # codes around 0: tied channels get equal codes, so a grey image decodes exactly grey
+    if tie:
         tie_grey_outputs(params, grey)
-    # With a prior the channels' origins differ: a quantization-aware round fitted each decoded channel to
-    # the grey target on its own, and tying the latent values now would only add rounding error.
+    # Otherwise the channels' origins differ: a quantization-aware round fitted each decoded channel to the
+    # grey target on its own, and tying the latent values now would only add rounding error.
     fitted_psnr = fit_psnr(params, batch, arch)
     codes = grid.codes(flatten_params(params, arch), theta0)
     final = _as_params(grid.values(codes, theta0), arch)

@@ -335,7 +335,7 @@ PRESETS: dict[str, Preset] = {
             # one cosine curve, each on half of the pixels: twice the steps of 150 + 100 on every pixel in
             # about the same time (+0.65 dB from the prior, +1.1 dB from a random start, at 32^2). No pruning.
             # Code widths: 4-bit hidden weights (a 4-bit bank), 6-8 bits for the rest. Its prior holds the
-            # fast prior's values (tools/train_priors.py).
+            # fast prior's values with the output channels tied, so grey images decode grey (tools/train_priors.py).
             name="small",
             arch=Architecture(sine_layers=3, width=16),
             rounds=(Round(steps=300, lr=5e-3), Round(steps=200, lr=5e-3, qat=True, continues=True)),

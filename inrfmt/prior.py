@@ -76,6 +76,21 @@ class Prior:
 
     __hash__ = None
 
+    @property
+    def outputs_tied(self) -> bool:
+        """True when the three output channels start from the same values (equal rows of last_w, equal
+        entries of last_b): a grey image's tied channels then get equal codes and decode exactly grey."""
+        w, b = self.theta0["last_w"], self.theta0["last_b"]
+        return bool((w == w[:1]).all() and (b == b[:1]).all())
+
+    def with_tied_outputs(self, name: str | None = None) -> "Prior":
+        """This prior with each output channel's starting values replaced by their mean over the channels
+        (see outputs_tied); every other value, and lr_scale, unchanged."""
+        theta0 = dict(self.theta0)
+        theta0["last_w"] = np.repeat(self.theta0["last_w"].mean(axis=0, keepdims=True, dtype=np.float32), 3, axis=0)
+        theta0["last_b"] = np.repeat(self.theta0["last_b"].mean(keepdims=True, dtype=np.float32), 3, axis=0)
+        return Prior(self.arch, theta0, self.lr_scale, self.name if name is None else name)
+
     # -- the file ---------------------------------------------------------------------------------
     def flat_theta0(self) -> np.ndarray:
         """theta0 as one float32 vector [P] in format 2's parameter-group order (spec.param_groups): the

@@ -37,6 +37,18 @@ def test_round_trip(tmp_path, lr_scale):
     assert make_prior(seed=1) != prior
 
 
+def test_tied_outputs_start_every_channel_from_their_mean():
+    prior = make_prior(lr_scale=True)
+    tied = prior.with_tied_outputs("grey-safe")
+    assert not prior.outputs_tied and tied.outputs_tied and tied.name == "grey-safe"
+    np.testing.assert_allclose(tied.theta0["last_w"][2], prior.theta0["last_w"].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(tied.theta0["last_b"], prior.theta0["last_b"].mean(), rtol=1e-6)
+    for name in ("first_w", "first_b", "hidden_w", "hidden_b"):
+        np.testing.assert_array_equal(tied.theta0[name], prior.theta0[name])
+    assert all(np.array_equal(tied.lr_scale[k], prior.lr_scale[k]) for k in prior.lr_scale)
+    assert Prior.from_bytes(tied.to_bytes()).outputs_tied
+
+
 def test_construction_checks_shapes_and_values():
     good = make_prior()
     with pytest.raises(InrUsageError, match="exactly the arrays"):

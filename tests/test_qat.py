@@ -140,6 +140,21 @@ def test_a_grey_image_decodes_grey_without_a_prior():
     assert np.array_equal(w.last_b[0, 0], w.last_b[0, 1]) and np.array_equal(w.last_b[0, 0], w.last_b[0, 2])
 
 
+def test_a_grey_image_decodes_grey_from_a_prior_with_tied_outputs():
+    colour = photo_crops(2, 10)[1]
+    grey = np.repeat(photo_crops(1, 10)[0].mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+    prior = Prior.builtin("small")
+    assert prior.outputs_tied and not Prior.builtin("fast").outputs_tied
+    for start, tied in ((prior, True), (Prior.builtin("fast"), False)):
+        r = fit_images([grey, colour], SMALL.arch, SMALL.schedule(steps=20), grid=SMALL.grid(), seed=2,
+                       prior=start)
+        same = np.array_equal(r.codes[0, -51:-35], r.codes[0, -35:-19])  # last_w rows 0 and 1 of the grey image
+        same &= np.array_equal(r.weights.last_w[0, 0], r.weights.last_w[0, 2])
+        same &= np.array_equal(r.weights.last_b[0, 0], r.weights.last_b[0, 1])
+        assert same == tied  # an untied origin leaves the channels apart by their rounding
+        assert not np.array_equal(r.weights.last_w[1, 0], r.weights.last_w[1, 1])  # colour stays colour
+
+
 def test_fit_images_refuses_qat_without_a_grid_and_pruning_with_one():
     images = photo_crops(1, 8)
     with pytest.raises(ValueError, match="quantization-aware"):

@@ -49,9 +49,14 @@ FORBIDDEN = ("mate-backgrounds", "lomiri-wallpapers")
 CROP_SIZE = {"fast": 32, "rapid-inr-cifar10": 32, "rapid-inr-flowers102": 64, "rapid-inr-mini-imagenet": 64,
              "small": 32, "large": 64}
 # Presets whose built-in prior holds another preset's values: `small` (3x16, like `fast`) starts from fast's
-# prior. Learned with small's own first round (150 steps at lr 2e-3) a prior coded worse at every rate on
-# 200 photo crops (bench_results/presets/small_rd.jsonl); --own trains it anyway.
+# prior. Learned with small's own first round a prior coded worse at every rate on 200 photo crops
+# (bench_results/presets/small_rd.jsonl; again with its 300-step half-pixel round, BENCHMARKS.md); --own
+# trains it anyway.
 SAME_VALUES = {"small": "fast"}
+# Coded presets whose prior starts the three output channels from their mean (Prior.with_tied_outputs), so a
+# grey image gets equal codes for its channels and decodes exactly grey (costs 0.5% of `small`'s bytes on
+# colour photos at equal PSNR).
+TIED_OUTPUTS = {"small"}
 Image.MAX_IMAGE_PIXELS = None
 
 
@@ -155,10 +160,14 @@ def main(argv=None) -> None:
         if preset in SAME_VALUES and not args.own:
             source = args.out / f"{SAME_VALUES[preset]}.prior"
             base = Prior.load(source) if source.exists() else Prior.builtin(SAME_VALUES[preset])
+            prior = Prior(base.arch, base.theta0, base.lr_scale, preset)
+            if preset in TIED_OUTPUTS:
+                prior = prior.with_tied_outputs()
             args.out.mkdir(parents=True, exist_ok=True)
-            Prior(base.arch, base.theta0, base.lr_scale, preset).save(args.out / f"{preset}.prior")
-            log.append(dict(preset=preset, same_values_as=SAME_VALUES[preset]))
-            print(f"{preset}: {args.out / (preset + '.prior')} (the values of the {SAME_VALUES[preset]} prior)")
+            prior.save(args.out / f"{preset}.prior")
+            log.append(dict(preset=preset, same_values_as=SAME_VALUES[preset], tied_outputs=preset in TIED_OUTPUTS))
+            print(f"{preset}: {args.out / (preset + '.prior')} (the values of the {SAME_VALUES[preset]} prior"
+                  + (", output channels tied)" if preset in TIED_OUTPUTS else ")"))
             continue
         size = args.size or CROP_SIZE[preset]
         crops = random_crops(photos, args.crops, size, args.seed)
@@ -166,6 +175,8 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         prior = learn_prior(crops, preset, steps=args.steps, seed=args.seed, device=args.device,
                             on_step=lambda k, psnr: history.append(round(psnr, 3)))
+        if preset in TIED_OUTPUTS:
+            prior = prior.with_tied_outputs()
         seconds = time.perf_counter() - t0
         args.out.mkdir(parents=True, exist_ok=True)
         prior.save(args.out / f"{preset}.prior")
