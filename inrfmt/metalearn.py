@@ -54,7 +54,8 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
     progress: a line on stderr with the inner-loop PSNR (the mean PSNR of the images after their fit).
     on_step(outer_step, psnr) is called after every outer step. freeze: parameters (SirenParams field
     names) that keep their random initial values. inner: the fit of each outer step (default: the first
-    round of the preset's prior schedule). Returns a `Prior` named `name`."""
+    round of the preset's prior schedule). Returns a `Prior` named `name`; for a preset with
+    `prior_tied_outputs` its output channels start from their mean (Prior.with_tied_outputs)."""
     preset_obj = get_preset(preset) if isinstance(preset, str) else preset
     if not isinstance(preset_obj, Preset):
         raise InrUsageError(f"learn_prior: preset must be a preset name or a Preset, got {preset!r}")
@@ -120,7 +121,8 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
     finally:
         line.close()
     theta0 = {field: t.detach().cpu().numpy() for field, t in zip(siren.SirenParams._fields, theta)}
-    return Prior(arch, theta0, None, preset_obj.name if name is None else name)
+    prior = Prior(arch, theta0, None, preset_obj.name if name is None else name)
+    return prior.with_tied_outputs() if preset_obj.prior_tied_outputs else prior
 
 
 def learn_budget_steps(preset: Preset, num_images: int, schedule_steps: int, inner: int, fraction: float,

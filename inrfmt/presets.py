@@ -130,6 +130,9 @@ class Preset:
     # outer step size (it decays linearly to a fifth).
     prior_steps: int = 100
     prior_outer_lr: float = 0.5
+    # Priors for this preset (learned or built in) start the three output channels from their mean
+    # (Prior.with_tied_outputs): in a coded file a grey image then decodes exactly grey.
+    prior_tied_outputs: bool = False
     # Format 2 (coded): the code width of each parameter class (spec.PARAM_CLASSES) and, for the classes that
     # are not wrapped sine-layer biases (PLAIN_CLASSES), the half-width R of the code range around the prior:
     # step = R / 2^(bits-1). hidden_w may give one R per hidden layer (a tuple): deeper layers are less
@@ -340,7 +343,7 @@ PRESETS: dict[str, Preset] = {
             arch=Architecture(sine_layers=3, width=16),
             rounds=(Round(steps=300, lr=5e-3), Round(steps=200, lr=5e-3, qat=True, continues=True)),
             prior_rounds=(Round(steps=300, lr=2e-3), Round(steps=200, lr=2e-3, qat=True, continues=True)),
-            prior="builtin", prior_steps=100, prune_rule=None,
+            prior="builtin", prior_steps=100, prior_tied_outputs=True, prune_rule=None,
             description="format 2 for images <= 64x64: net 3x16 from a prior; 300 float + 200 quantization-aware "
                         "steps on one cosine, half of the pixels per step; every parameter coded (4-bit hidden "
                         "weights)",

@@ -1,4 +1,5 @@
 """Learning a prior (inrfmt.metalearn), fitting from one, and convert's --prior."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,10 @@ def test_learning_is_deterministic_from_the_seed():
     c = learn_prior(images, TINY, steps=3, meta_batch=4, seed=6, device="cpu", progress=False)
     assert a.to_bytes() == b.to_bytes() and a.to_bytes() != c.to_bytes()
     assert a.arch == TINY.arch and a.lr_scale is None and a.name == "tiny"
+    # A preset whose priors tie the output channels gets them tied; the other values are the same.
+    tied = learn_prior(images, replace(TINY, prior_tied_outputs=True), steps=3, meta_batch=4, seed=5, device="cpu",
+                       progress=False)
+    assert tied.outputs_tied and not a.outputs_tied and tied.to_bytes() == a.with_tied_outputs().to_bytes()
 
 
 def test_progress_line_shows_the_inner_psnr(capsys):

@@ -53,10 +53,6 @@ CROP_SIZE = {"fast": 32, "rapid-inr-cifar10": 32, "rapid-inr-flowers102": 64, "r
 # (bench_results/presets/small_rd.jsonl; again with its 300-step half-pixel round, BENCHMARKS.md); --own
 # trains it anyway.
 SAME_VALUES = {"small": "fast"}
-# Coded presets whose prior starts the three output channels from their mean (Prior.with_tied_outputs), so a
-# grey image gets equal codes for its channels and decodes exactly grey (costs 0.5% of `small`'s bytes on
-# colour photos at equal PSNR).
-TIED_OUTPUTS = {"small"}
 Image.MAX_IMAGE_PIXELS = None
 
 
@@ -161,13 +157,14 @@ def main(argv=None) -> None:
             source = args.out / f"{SAME_VALUES[preset]}.prior"
             base = Prior.load(source) if source.exists() else Prior.builtin(SAME_VALUES[preset])
             prior = Prior(base.arch, base.theta0, base.lr_scale, preset)
-            if preset in TIED_OUTPUTS:
+            tied = PRESETS[preset].prior_tied_outputs  # as learn_prior does for this preset
+            if tied:
                 prior = prior.with_tied_outputs()
             args.out.mkdir(parents=True, exist_ok=True)
             prior.save(args.out / f"{preset}.prior")
-            log.append(dict(preset=preset, same_values_as=SAME_VALUES[preset], tied_outputs=preset in TIED_OUTPUTS))
+            log.append(dict(preset=preset, same_values_as=SAME_VALUES[preset], tied_outputs=tied))
             print(f"{preset}: {args.out / (preset + '.prior')} (the values of the {SAME_VALUES[preset]} prior"
-                  + (", output channels tied)" if preset in TIED_OUTPUTS else ")"))
+                  + (", output channels tied)" if tied else ")"))
             continue
         size = args.size or CROP_SIZE[preset]
         crops = random_crops(photos, args.crops, size, args.seed)
@@ -175,8 +172,6 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         prior = learn_prior(crops, preset, steps=args.steps, seed=args.seed, device=args.device,
                             on_step=lambda k, psnr: history.append(round(psnr, 3)))
-        if preset in TIED_OUTPUTS:
-            prior = prior.with_tied_outputs()
         seconds = time.perf_counter() - t0
         args.out.mkdir(parents=True, exist_ok=True)
         prior.save(args.out / f"{preset}.prior")
