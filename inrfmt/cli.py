@@ -137,7 +137,7 @@ def _saved_convert_options(ctx: click.Context, paths: tuple[str, ...], given: di
 @click.option("--jitter", type=click.FloatRange(min=0, max=1), default=None,
               help="Fraction of fitting samples moved each step to a random point of their pixel cell (target: "
                    "the bilinearly interpolated image), so the image is clean between pixel centres; "
-                   "0 fits pixel centres only (default: the preset's, 0.5).")
+                   "0 fits pixel centres only (default: the preset's: 0 for small, else 0.5).")
 @click.option("--tf32/--no-tf32", default=None, help="TF32 matmuls on CUDA (default: the preset's).")
 @click.option("--compile", "torch_compile", is_flag=True, help="torch.compile the training step.")
 @click.option("--prior", default="auto", show_default=True, metavar="auto|builtin|learn|none|PATH",
