@@ -351,7 +351,8 @@ def _print_info(doc: dict) -> None:
 @click.option("--per-image", is_flag=True, help="Add one row per image.")
 @click.option("--load", is_flag=True, help="Also load the file into a tensor bank and report its size and load time.")
 @click.option("--device", default=None, help="Device for --load (default: cuda if available, else cpu).")
-@click.option("--bank-layout", type=click.Choice(["auto", "dense", "compact", "coded"]), default="auto", show_default=True,
+@click.option("--bank-layout", type=click.Choice(["auto", "dense", "compact", "coded"]), default="auto",
+              show_default=True,
               help="Weight layout of the bank for --load (see inrfmt.open; coded: format 2's packed codes).")
 def info(file, as_json, per_image, load, device, bank_layout):
     """Describe an .inr file: images, classes, network, size, PSNR, pruning. Every checksum is checked
@@ -530,7 +531,8 @@ BENCH_SIZES = 4
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "triton"]),
               help="Backend(s) to time (default: every one available here).")
 @click.option("--device", default=None, help="Default: cuda if available, else cpu.")
-@click.option("--bank-layout", type=click.Choice(["auto", "dense", "compact", "coded"]), default="auto", show_default=True,
+@click.option("--bank-layout", type=click.Choice(["auto", "dense", "compact", "coded"]), default="auto",
+              show_default=True,
               help="Weight layout of the bank (see inrfmt.open; coded: format 2's packed codes).")
 @click.option("--json", "as_json", is_flag=True)
 def bench(file, size, batch_size, backends, device, bank_layout, as_json):

@@ -362,17 +362,15 @@ def auto_preset(source, max_side: int | None = None) -> tuple[str, str]:
 def _check_coding_options(preset: Preset, quant, float_dtype, bits, why: str = "") -> dict | None:
     """The code widths of a coded preset (its own, overridden by `bits`), None for a format-1 preset; an
     InrUsageError for an option of the other format (`why` says how the preset was chosen)."""
-    if preset.coded:
-        for name, value in (("quant", quant), ("float_dtype", float_dtype)):
-            if value is not None:
-                raise InrUsageError(f"{name} {value} applies to format-1 presets: preset {preset.name}{why} codes "
-                                    f"every parameter (set its code widths with bits, e.g. --bits 5)")
-        return preset.code_widths(bits)
-    if bits is not None:
-        raise InrUsageError(f"bits {bits} applies to the coded presets "
-                            f"({', '.join(n for n, p in PRESETS.items() if p.coded)}): preset {preset.name}{why} "
-                            f"writes format 1 (use --quant)")
-    return None
+    if not preset.coded:
+        if bits is not None:
+            preset.code_widths(bits, why)  # the one error for code widths given to a format-1 preset
+        return None
+    for name, value in (("quant", quant), ("float_dtype", float_dtype)):
+        if value is not None:
+            raise InrUsageError(f"{name} {value} applies to format-1 presets: preset {preset.name}{why} codes "
+                                f"every parameter (set its code widths with bits, e.g. --bits 5)")
+    return preset.code_widths(bits, why)
 
 
 def resolve_prior(prior, preset: Preset) -> tuple[str, Prior | None]:

@@ -365,20 +365,27 @@ def fit_psnr(params: siren.SirenParams, batch: FitBatch, arch: Architecture) -> 
 @torch.no_grad()
 def psnr_against(params: siren.SirenParams, images: list[np.ndarray], arch: Architecture) -> torch.Tensor:
     """[N] PSNR of each model decoded at its image's size against those uint8 pixels: images of one size
-    are decoded together, in pixel chunks (this is the PSNR written to the index)."""
+    are decoded together, in pixel chunks (this is the PSNR written to the index). Always at full fp32
+    matmul precision, whatever TF32 setting fitted the models."""
     device = params.first_w.device
     n = len(images)
     out = torch.empty(n, dtype=torch.float32)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):
         groups.setdefault((int(im.shape[0]), int(im.shape[1])), []).append(i)
-    for (h, w), members in groups.items():
-        sel = torch.tensor(members, device=device)
-        sub = siren.SirenParams(*(t.index_select(0, sel) for t in params))
-        target_all = torch.from_numpy(np.stack([images[i] for i in members])).reshape(len(members), h * w, 3)
-        sse = _sse_by_image(sub, siren.pixel_grid(h, w, device=device),
-                            lambda start, stop, rows: target_all[rows, start:stop].to(device).float() / 255.0, arch)
-        out[torch.tensor(members)] = _psnr_of(sse, h * w).cpu()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for (h, w), members in groups.items():
+            sel = torch.tensor(members, device=device)
+            sub = siren.SirenParams(*(t.index_select(0, sel) for t in params))
+            target_all = torch.from_numpy(np.stack([images[i] for i in members])).reshape(len(members), h * w, 3)
+            sse = _sse_by_image(sub, siren.pixel_grid(h, w, device=device),
+                                lambda start, stop, rows: target_all[rows, start:stop].to(device).float() / 255.0,
+                                arch)
+            out[torch.tensor(members)] = _psnr_of(sse, h * w).cpu()
+    finally:
+        torch.set_float32_matmul_precision(precision)
     return out
 
 
@@ -467,13 +474,7 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
         final = siren.SirenParams(stored(params.first_w), stored(params.first_b),
                                   dequantize_hidden(q, scale), stored(params.hidden_b),
                                   stored(params.last_w), stored(params.last_b))
-        # The recorded PSNR is the stored model's at full fp32 precision, whatever TF32 setting fitted it.
-        precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            psnr = psnr_against(final, originals if originals is not None else images, arch)
-        finally:
-            torch.set_float32_matmul_precision(precision)
+        psnr = psnr_against(final, originals if originals is not None else images, arch)
     del batch
     ratio = mask_ratio(keep, n) if keep is not None else torch.zeros(n)
 
@@ -505,12 +506,7 @@ def _coded_result(params: siren.SirenParams, batch: FitBatch, arch: Architecture
     fitted_psnr = fit_psnr(params, batch, arch)
     codes = grid.codes(flatten_params(params, arch), theta0)
     final = _as_params(grid.values(codes, theta0), arch)
-    precision = torch.get_float32_matmul_precision()  # the recorded PSNR at full fp32 precision
-    torch.set_float32_matmul_precision("highest")
-    try:
-        psnr = psnr_against(final, originals, arch)
-    finally:
-        torch.set_float32_matmul_precision(precision)
+    psnr = psnr_against(final, originals, arch)
 
     def host(t):
         return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.float32, copy=False))

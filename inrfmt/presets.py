@@ -185,13 +185,14 @@ class Preset:
         """Whether this preset writes format 2 (every parameter coded on a grid)."""
         return self.code_bits is not None
 
-    def code_widths(self, bits=None) -> dict[str, int]:
+    def code_widths(self, bits=None, why: str = "") -> dict[str, int]:
         """The code width of every class: the preset's, overridden by `bits`: None, an int (hidden_w's
         width), "N" or "CLASS=N,..." (as `convert --bits` takes it) or a mapping {class: N}. InrUsageError
-        for a bad value or a format-1 preset."""
+        for a bad value or a format-1 preset (`why`, e.g. how the preset was chosen, follows its name)."""
         if not self.coded:
-            raise InrUsageError(f"bits: preset {self.name} writes format 1 (raw weights, --quant); code widths "
-                                f"apply to the coded presets ({', '.join(n for n, p in PRESETS.items() if p.coded)})")
+            raise InrUsageError(f"bits {bits} applies to the coded presets "
+                                f"({', '.join(n for n, p in PRESETS.items() if p.coded)}): preset {self.name}{why} "
+                                f"writes format 1 (use --quant)")
         widths = dict(self.code_bits)
         widths.update(parse_code_bits(bits))
         return widths

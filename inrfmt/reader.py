@@ -23,7 +23,8 @@ from . import coding
 from .grid import CodeGrid, grid_problem
 from .spec import (ALIGNMENT, CHECKED_AT_OPEN, CHUNK_DTYPE, CODE_BYTES, CODED_INDEX_COLUMNS, CODED_INDEX_ROW_BYTES,
                    COORDINATES, FLOAT_DTYPES, FORMAT_NAME, FORMAT_VERSIONS, HIDDEN_DTYPES, IN_FEATURES, INDEX_DTYPE,
-                   KEY_OFFSET_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_KEY_BYTES_PER_IMAGE, MAX_HEADER_BYTES, OPTIONAL_SECTIONS, OUT_FEATURES,
+                   KEY_OFFSET_DTYPE, MAGIC, MAX_CHUNK_RAW_BYTES, MAX_HEADER_BYTES, MAX_KEY_BYTES_PER_IMAGE,
+                   OPTIONAL_SECTIONS, OUT_FEATURES,
                    OUTPUT_LAYER, OUTPUT_MAPPING, PREAMBLE_DTYPE, PREAMBLE_SIZE, QUANT_DTYPE, REQUIRED_SECTIONS,
                    VERSION_MAJOR, VERSION_MINOR, WEIGHT_CODING, Architecture, WeightBatch, align,
                    architecture_problem, chunk_payload_layout, param_groups, parse_json, payload_bytes,

@@ -103,17 +103,22 @@ def test_seed_files_are_valid():
             f.verify()
 
 
-@settings(max_examples=120, **SETTINGS)
-@given(seed=st.sampled_from(range(len(SEEDS))),
-       flips=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(1, 255)), min_size=0, max_size=4),
-       truncate=st.one_of(st.none(), st.integers(0, 10 ** 6)))
-def test_random_byte_damage(seed, flips, truncate):
-    data = bytearray(SEEDS[seed])
+# Up to four XOR flips anywhere in a file, then perhaps a truncation.
+_FLIPS = st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(1, 255)), min_size=0, max_size=4)
+_TRUNCATE = st.one_of(st.none(), st.integers(0, 10 ** 6))
+
+
+def _damaged(data: bytes, flips, truncate) -> bytes:
+    out = bytearray(data)
     for pos, xor in flips:
-        data[pos % len(data)] ^= xor
-    if truncate is not None:
-        data = data[:truncate % (len(data) + 1)]
-    _read_everything(bytes(data))
+        out[pos % len(out)] ^= xor
+    return bytes(out if truncate is None else out[:truncate % (len(out) + 1)])
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(seed=st.sampled_from(range(len(SEEDS))), flips=_FLIPS, truncate=_TRUNCATE)
+def test_random_byte_damage(seed, flips, truncate):
+    _read_everything(_damaged(SEEDS[seed], flips, truncate))
 
 
 _json_values = st.recursive(
@@ -291,16 +296,9 @@ def test_coded_seed_files_are_valid():
 
 
 @settings(max_examples=60, **SETTINGS)
-@given(seed=st.sampled_from(range(len(CODED_SEEDS))),
-       flips=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(1, 255)), min_size=0, max_size=4),
-       truncate=st.one_of(st.none(), st.integers(0, 10 ** 6)))
+@given(seed=st.sampled_from(range(len(CODED_SEEDS))), flips=_FLIPS, truncate=_TRUNCATE)
 def test_coded_random_byte_damage(seed, flips, truncate):
-    data = bytearray(CODED_SEEDS[seed])
-    for pos, xor in flips:
-        data[pos % len(data)] ^= xor
-    if truncate is not None:
-        data = data[:truncate % (len(data) + 1)]
-    _read_coded(bytes(data))
+    _read_coded(_damaged(CODED_SEEDS[seed], flips, truncate))
 
 
 @settings(max_examples=150, **SETTINGS)

@@ -7,8 +7,9 @@
 Both presets run their default settings with their built-in priors (`small`: 300 float + 200
 quantization-aware steps on half of the pixels, code grid, rANS coding at the merge; `fast`: 150 steps + 100
 steps of a dynamic pruning round, int8 hidden weights, zstd), interleaved (fast, small, fast, small, ...) so
-that the load of a shared machine hits both alike. Each run is a whole `inrfmt.convert` of an .npy of the crops (reading, fitting,
-writing the parts, the final merge) in a fresh Python process, after one warm-up run of each. The target:
+that the load of a shared machine hits both alike. Each run is a whole `inrfmt.convert` of an .npy of the
+crops (reading, fitting, writing the parts, the final merge) in a fresh Python process, after one warm-up run
+of each. The target:
 `small` is no slower than `fast` (median of the per-round ratios small / fast <= 1, within the noise of the
 load). `--fast-from DIR` runs `fast` from another checkout of inrfmt (for `fast` as an earlier commit had
 it: `git worktree add DIR REV`); its commit goes into the JSON.

@@ -2,9 +2,10 @@
 """Static report of the fused decode kernel, without a GPU: compile, read the SASS, bound the throughput.
 
 Every shipped configuration (each preset's net, plus the 10x28 net of the decode targets, with and without a
-coordinate transform, reading a format-1 bank's int8 hidden weights or a coded bank's float32 batch) is compiled with the installed triton for sm_90 and sm_80 exactly as decode_triton
-launches it (tools/kernel_compile.py, triton's bundled ptxas), and its SASS is read with triton's bundled
-nvdisasm. For each configuration and output size (32x32 at batch 4096, 224x224 at batch 256) it reports
+coordinate transform, reading a format-1 bank's int8 hidden weights or a coded bank's float32 batch) is
+compiled with the installed triton for sm_90 and sm_80 exactly as decode_triton launches it
+(tools/kernel_compile.py, triton's bundled ptxas), and its SASS is read with triton's bundled nvdisasm.
+For each configuration and output size (32x32 at batch 4096, 224x224 at batch 256) it reports
 
   - registers per thread, spilled bytes, shared memory per program, programs per SM;
   - the layer loop: SASS instructions per activation element of one hidden layer (one tile's instructions
@@ -261,7 +262,8 @@ def render(report: dict) -> str:
         for name, dev in row["devices"].items():
             for size, b in dev["sizes"].items():
                 lines.append(
-                    f"| {row['capability']} | {row['net']} | {row['bank']} | {'yes' if row['theta'] else 'no'} | {size}² | "
+                    f"| {row['capability']} | {row['net']} | {row['bank']} | {'yes' if row['theta'] else 'no'} | "
+                    f"{size}² | "
                     f"{row['registers']} | {row['spilled_bytes']} | {row['shared_bytes'] / 1024:.1f} | "
                     f"{dev['programs_per_sm']} ({dev['limited_by']}) | {per} | {row['tile_loop']['instructions']} | "
                     f"{name} | {_rate(b['sine_img_s'])} | {_rate(b['sfu_img_s'])} | {_rate(b['issue_img_s'])} |")

@@ -90,6 +90,17 @@ def sample_positions(height: int, width: int) -> list[tuple[int, int]]:
     return sorted({(0, 0), (0, width - 1), (height - 1, 0), (height - 1, width - 1), (height // 2, width // 2)})
 
 
+def expected_pixels(wb: WeightBatch, arch: Architecture, sizes) -> list[dict]:
+    """The reference decoder's pixels at sample_positions of every image (i, (h, w) in sizes)."""
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        pos = sample_positions(h, w)
+        rgb = reference_pixels(wb, i, arch, pixel_coords(h, w, [p[0] for p in pos], [p[1] for p in pos]))
+        out += [{"image": i, "row": r, "col": c, "size": [h, w], "rgb": [round(float(v), 7) for v in value]}
+                for (r, c), value in zip(pos, rgb)]
+    return out
+
+
 CASES = [
     # name, arch, hidden_dtype, float_dtype, prune, sizes (h, w), labels, classes, chunk_images
     dict(name="int8_masks", arch=Architecture(3, 8), hidden_dtype="int8", float_dtype="float32", prune=0.3,
@@ -135,12 +146,7 @@ def write_case(case: dict, out_dir: str) -> dict:
         }
         if f.keys is not None:
             expected["keys"] = f.keys
-    for i, (h, w) in enumerate(case["sizes"]):
-        pos = sample_positions(h, w)
-        rgb = reference_pixels(wb, i, arch, pixel_coords(h, w, [p[0] for p in pos], [p[1] for p in pos]))
-        for (r, c), value in zip(pos, rgb):
-            expected["pixels"].append({"image": i, "row": r, "col": c, "size": [h, w],
-                                       "rgb": [round(float(v), 7) for v in value]})
+    expected["pixels"] += expected_pixels(wb, arch, case["sizes"])
     # A kept-weights checksum of the decoded weights: catches a wrong mask order that pixels might miss.
     expected["hidden_nonzero_sum"] = [float(np.abs(wb.dequantized_hidden()[i].astype(np.float64)).sum())
                                       for i in range(n)]
@@ -336,13 +342,7 @@ def write_coded_case(case: dict, out_dir: str) -> dict:
                                                   "theta0": float(theta0[start + e]),
                                                   "value": float(params[i, start + e])})
         start += size
-    weights = flat_to_weights(params, arch)
-    for i, (h, w) in enumerate(case["sizes"]):
-        pos = sample_positions(h, w)
-        rgb = reference_pixels(weights, i, arch, pixel_coords(h, w, [p[0] for p in pos], [p[1] for p in pos]))
-        for (r, c), value in zip(pos, rgb):
-            expected["pixels"].append({"image": i, "row": r, "col": c, "size": [h, w],
-                                       "rgb": [round(float(v), 7) for v in value]})
+    expected["pixels"] += expected_pixels(flat_to_weights(params, arch), arch, case["sizes"])
     with open(os.path.join(out_dir, case["name"] + ".json"), "w") as fh:
         fh.write(compact_json(expected) + "\n")
     return expected
