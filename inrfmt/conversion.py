@@ -48,7 +48,7 @@ from .errors import InrFormatError, InrInterrupted, InrUsageError
 from .fit import cap_size, fit_images, per_image_loss
 from .grid import CodeGrid
 from .prior import Prior
-from .presets import AUTO_LARGE, AUTO_SMALL, AUTO_SMALL_SIDE, PRESETS, Preset, Round, get_preset
+from .presets import ADAM_BETA2, AUTO_LARGE, AUTO_SMALL, AUTO_SMALL_SIDE, PRESETS, Preset, Round, get_preset
 from .progress import ProgressLine, duration
 from .quantize import HIDDEN_DTYPE_OF_BITS
 from .shards import (distributed_rank, file_summary, merge, parse_shard, part_path, reuse_shard_file, shard_items,
@@ -168,13 +168,13 @@ class Settings:
 
 
 def schedule_json(rounds) -> list[dict]:
-    """The rounds as JSON objects (settings record, metadata): `qat` and `continues` only where set, so
-    format-1 schedules are written as they always were."""
+    """The rounds as JSON objects (settings record, metadata): `qat`, `continues` and `beta2` only where they
+    differ from their defaults, so the paper schedules are written as they always were."""
     out = []
     for r in rounds:
         d = asdict(r)
-        for key in ("qat", "continues"):
-            if not d[key]:
+        for key, default in (("qat", False), ("continues", False), ("beta2", ADAM_BETA2)):
+            if d[key] == default:
                 del d[key]
         out.append(d)
     return out

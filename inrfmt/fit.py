@@ -39,7 +39,7 @@ import torch
 
 from . import device as devices, rng, siren
 from .grid import CodeGrid
-from .presets import Round, cosine_spans
+from .presets import ADAM_BETA2, Round, cosine_spans
 from .prior import Prior
 from .quantize import dequantize_hidden, dynamic_ratio, mask_ratio, prune_masks, quantize_hidden, stored_float
 from .spec import IN_FEATURES, Architecture, WeightBatch, flatten_params, unflatten_params
@@ -263,7 +263,7 @@ def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, 
                 keys: DrawKeys | None = None, first_step: int = 0, on_step=None, compiled_loss=None,
                 lr_scale: siren.SirenParams | None = None,
                 quant: tuple[CodeGrid, torch.Tensor | None] | None = None,
-                cosine: tuple[float, float] = (0.0, 1.0)) -> None:
+                cosine: tuple[float, float] = (0.0, 1.0), beta2: float = ADAM_BETA2) -> None:
     """Adam with cosine decay on the sum of per-image MSEs, in place. The learning rate of step k is
     lr * (1 + cos(pi * t)) / 2 with t running from cosine[0] to cosine[1] over the round's steps: the
     default (0, 1) decays lr -> 0 over `steps`; presets.cosine_spans splits one curve over rounds.
@@ -271,7 +271,8 @@ def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, 
     `jitter` (0..1): fraction of the samples fitted at a random point of their pixel cell against the
     bilinearly interpolated image (see draw_samples). `keys` (default: seed 0, ids 0..N-1) and
     `first_step` (the steps of earlier rounds) decide the pixel samples and jitter of every step.
-    `lr_scale` (see prior_lr_scale) multiplies each parameter's Adam step.
+    `lr_scale` (see prior_lr_scale) multiplies each parameter's Adam step; `beta2` is Adam's second-moment
+    decay (its first-moment decay stays 0.9).
     `quant` = (grid, theta0): quantization-aware training: the loss sees fake_quantized(params) and every
     step ends with project_params_ (theta0: float32 [P] on the params' device, or None)."""
     if not 0.0 <= jitter <= 1.0:
@@ -287,7 +288,7 @@ def train_round(params: siren.SirenParams, batch: FitBatch, arch: Architecture, 
     if keys is None:
         keys = DrawKeys.of(0, None, batch.n, device)
     fused = device.type == "cuda"
-    opt = torch.optim.Adam(list(params), lr=lr, fused=fused, foreach=None if fused else True)
+    opt = torch.optim.Adam(list(params), lr=lr, betas=(0.9, beta2), fused=fused, foreach=None if fused else True)
     counts = [sample_count(g.pixels, pixel_fraction) for g in batch.groups]
     random = jitter > 0 or any(c < g.pixels for c, g in zip(counts, batch.groups))
     loss_fn = compiled_loss or per_image_loss
@@ -458,7 +459,7 @@ def fit_images(images: list[np.ndarray], arch: Architecture, rounds: tuple[Round
 
         train_round(params, batch, arch, steps=r.steps, lr=r.lr, keep=keep, pixel_fraction=pixel_fraction,
                     jitter=jitter, keys=keys, first_step=done, on_step=stepped, compiled_loss=compiled_loss,
-                    lr_scale=lr_scale, quant=(grid, theta0) if r.qat else None, cosine=span)
+                    lr_scale=lr_scale, quant=(grid, theta0) if r.qat else None, cosine=span, beta2=r.beta2)
         done += r.steps
     if grid is not None:
         return _coded_result(params, batch, arch, grid, theta0, grey, images if originals is None else originals,

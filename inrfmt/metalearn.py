@@ -6,7 +6,7 @@
 
 Reptile (Nichol et al. 2018), first-order: starting from a random SIREN initialisation θ₀, every outer
 step draws `meta_batch` images, fits each from θ₀ with the batched fitter for the first round of the
-preset's prior schedule (the fit the prior will start: same Adam, learning rate and cosine decay, the
+preset's prior schedule (the fit the prior will start: same Adam and betas, learning rate and cosine decay, the
 preset's pixel fraction and jitter), and moves θ₀ toward the mean of the fitted networks by a step size that decays
 linearly from `outer_lr` to a fifth of it (OUTER_LR_END). Memory is that of one fit of `meta_batch`
 images, whatever the number of images or steps. Every draw (θ₀'s initialisation, the images of each step, their pixel samples)
@@ -103,7 +103,7 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
                                          for t in theta))
             keys = DrawKeys.of(rng.mix(seed, _FIT_KEY, outer), range(batch.n), batch.n, dev)
             train_round(params, batch, arch, steps=inner.steps, lr=inner.lr, pixel_fraction=pixel_fraction,
-                        jitter=preset_obj.jitter, keys=keys)
+                        jitter=preset_obj.jitter, keys=keys, beta2=inner.beta2)
             step_size = outer_lr * (1.0 - (1.0 - OUTER_LR_END) * outer / max(1, steps - 1))
             with torch.no_grad():
                 for field, t, p in zip(siren.SirenParams._fields, theta, params):
