@@ -8,7 +8,8 @@ brings from what its (faster) schedule brings.
 
 Each point fits the crops with the preset's schedule (from a prior: its prior schedule) scaled to `budget`
 steps per image in all, through pruning and int8 quantization, and records the mean PSNR of the stored
-models and the seconds. `--reference` also runs the preset's full schedule from a random start; the
+models and the seconds. `--reference` also runs the preset's full schedule from a random start (or
+`--reference-from` takes it from an earlier run's JSON on the same crops); the
 headline is the fewest steps at which `builtin` reaches that PSNR (linear in log-steps between budgets).
 Crops: tools/bench_encode.py's photo_crops of data/photos (or --photos GLOB). Writes JSON (--json) and a
 plot (--plot).
@@ -65,6 +66,20 @@ def steps_to_reach(points: list[dict], target: float) -> float | None:
     return None
 
 
+def earlier_reference(path: Path, doc: dict) -> tuple[dict, dict]:
+    """The reference point of an earlier run's JSON and where it came from; SystemExit unless that run
+    fitted the same crops (preset, size, count, seed, photo folder) on the same device."""
+    earlier = json.loads(path.read_text())
+    if "reference" not in earlier:
+        raise SystemExit(f"{path}: no reference point in it (run that with --reference)")
+    for key in ("preset", "size", "n", "crop_seed", "device"):
+        if earlier.get(key) != doc[key]:
+            raise SystemExit(f"{path}: {key} is {earlier.get(key)!r}, this run's is {doc[key]!r}")
+    if Path(earlier.get("photos", "")).parts[-3:] != Path(doc["photos"]).parts[-3:]:
+        raise SystemExit(f"{path}: photos {earlier.get('photos')!r}, this run's {doc['photos']!r}")
+    return earlier["reference"], dict(file=str(path), date=earlier.get("date"))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="rapid-inr-cifar10")
@@ -77,6 +92,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prior", help="a prior file used as `builtin` (default: the preset's built-in prior)")
     ap.add_argument("--learn-steps", type=int, default=None, help="outer steps of `learn` (default: the preset's)")
     ap.add_argument("--reference", action="store_true", help="also fit the full schedule from a random start")
+    ap.add_argument("--reference-from", type=Path, metavar="JSON",
+                    help="take the full-schedule reference from an earlier run's JSON (same preset, size, crops and "
+                         "device: the random start's paper schedule is fitted the same way) instead of fitting it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path)
@@ -115,9 +133,13 @@ def main(argv=None) -> None:
             print(f"{mode:8s} {point}", flush=True)
             curve.append(point)
         doc["curves"][mode] = curve
-    if args.reference:
+    if args.reference_from:
+        doc["reference"], doc["reference_from"] = earlier_reference(args.reference_from, doc)
+        print(f"reference {doc['reference']} (from {args.reference_from})", flush=True)
+    elif args.reference:
         doc["reference"] = fit_point(crops, preset, preset.schedule(), None, device)
         print(f"reference {doc['reference']}", flush=True)
+    if "reference" in doc:
         for mode, curve in doc["curves"].items():
             reach = steps_to_reach(curve, doc["reference"]["psnr"])
             doc.setdefault("steps_to_reference", {})[mode] = reach
