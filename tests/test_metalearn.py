@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import inrfmt
-from inrfmt.conversion import convert
+from inrfmt.conversion import convert, schedule_json
 from inrfmt.errors import InrUsageError
 from inrfmt.fit import fit_images, fit_psnr, prepare_batch, prior_params
 from inrfmt.metalearn import MIN_IMAGES, learn_prior
@@ -249,3 +249,6 @@ def test_steps_scale_the_prior_schedule():
     assert [r.steps for r in scaled] == [275, 100]
     assert [(r.lr, r.beta2, r.continues) for r in scaled] == [(r.lr, r.beta2, r.continues) for r in preset.prior_rounds]
     assert preset.schedule() == preset.rounds
+    # beta2 is recorded where it is not torch's default, so the paper schedules' records are unchanged.
+    assert [r.get("beta2") for r in schedule_json(preset.prior_rounds)] == [0.9, 0.9]
+    assert all("beta2" not in r for r in schedule_json(preset.rounds))
