@@ -355,7 +355,10 @@ PRESETS: dict[str, Preset] = {
             name="small",
             arch=Architecture(sine_layers=3, width=16),
             rounds=(Round(steps=300, lr=5e-3), Round(steps=200, lr=5e-3, qat=True, continues=True)),
-            prior_rounds=(Round(steps=300, lr=2e-3), Round(steps=200, lr=2e-3, qat=True, continues=True)),
+            # From the prior the float round runs Adam with beta2 0.9 at a lower lr: about +0.3 dB at equal bytes;
+            # the quantization-aware round keeps 0.999 (0.9 there cost bytes).
+            prior_rounds=(Round(steps=300, lr=1.2e-3, beta2=0.9),
+                          Round(steps=200, lr=1.2e-3, qat=True, continues=True)),
             prior="builtin", prior_steps=100, prior_tied_outputs=True, prune_rule=None,
             description="format 2 for images <= 64x64: net 3x16 from a prior; 300 float + 200 quantization-aware "
                         "steps on one cosine, half of the pixels per step; every parameter coded (4-bit hidden "
