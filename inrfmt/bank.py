@@ -668,29 +668,16 @@ class TensorBank:
 
         if cuda:
             rows = max((stop - start for start, stop in map(f.chunk_range, range(f.num_chunks))), default=0)
-            staging = [torch.empty((rows, layout.words_per_image), dtype=torch.int32, pin_memory=True)
-                       for _ in range(2)]
-            copied = [None, None]
-            stream = torch.cuda.Stream(device=device)
-            stream.wait_stream(torch.cuda.current_stream(device))  # the bank tensor was made there
+            staging = _PinnedStaging(rows * layout.words_per_image, torch.int32, device)
         for k, packed in _read_in_order(read, f.num_chunks, workers):
             start, stop = f.chunk_range(k)
             if cuda:
-                s = k % 2
-                if copied[s] is not None:
-                    copied[s].synchronize()
-                staging[s].numpy()[:stop - start] = packed
-                with torch.cuda.stream(stream):
-                    codes[start:stop].copy_(staging[s][:stop - start], non_blocking=True)
-                    copied[s] = torch.cuda.Event()
-                    copied[s].record(stream)
+                staging.copy(k, packed, codes[start:stop])
             del packed
             if progress is not None:
                 progress(stop, n)
         if cuda:
-            stream.synchronize()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            del staging
+            staging.close()
         index = f.index
         theta0 = torch.from_numpy(np.ascontiguousarray(f.theta0(), np.float32)).to(device)
         labels = torch.from_numpy(np.asarray(index["label"], dtype=np.int64)).to(device)
@@ -731,34 +718,22 @@ class TensorBank:
         cuda = device.type == "cuda"
         raw_device = torch.empty((max_raw,), dtype=torch.uint8, device=device)
         if cuda:
-            staging = [torch.empty((max_raw,), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            copied = [None, None]
-            stream = torch.cuda.Stream(device=device)
-            stream.wait_stream(torch.cuda.current_stream(device))  # the bank tensors were made there
+            staging = _PinnedStaging(max_raw, torch.uint8, device)
 
         for k, payload in _read_in_order(f.read_payload, f.num_chunks, workers):
-            length = len(payload.raw)
-            value_start = int(value_starts[payload.start])
-            if cuda:
-                s = k % 2
-                if copied[s] is not None:
-                    copied[s].synchronize()
-                staging[s].numpy()[:length] = np.frombuffer(payload.raw, dtype=np.uint8)
-                with torch.cuda.stream(stream):
-                    raw_device[:length].copy_(staging[s][:length], non_blocking=True)
-                    copied[s] = torch.cuda.Event()
-                    copied[s].record(stream)
-                    _unpack_payload(payload, raw_device[:length], bank, value_start, total, compact)
+            raw = raw_device[:len(payload.raw)]
+            unpack = functools.partial(_unpack_payload, payload, raw, bank, int(value_starts[payload.start]), total,
+                                       compact)
+            if cuda:  # the unpack runs on the copy stream, after the copy
+                staging.copy(k, np.frombuffer(payload.raw, dtype=np.uint8), raw, then=unpack)
             else:
-                raw_device[:length].copy_(torch.frombuffer(bytearray(payload.raw), dtype=torch.uint8))
-                _unpack_payload(payload, raw_device[:length], bank, value_start, total, compact)
-            del payload
+                raw.copy_(torch.frombuffer(bytearray(payload.raw), dtype=torch.uint8))
+                unpack()
+            del payload, unpack
             if progress is not None:
                 progress(f.chunk_range(k)[1], n)
         if cuda:
-            stream.synchronize()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            del staging
+            staging.close()
         del raw_device
         index = f.index
         scales = torch.from_numpy(np.array(f.scales, dtype=np.float32).reshape(n, h)).to(device)
@@ -770,6 +745,39 @@ class TensorBank:
         # The reader checked every payload (bitmap counts == nnz, clean padding bits): no second check here.
         return cls(arch, hidden_scale=scales, labels=labels, heights=heights, widths=widths,
                    load_seconds=time.perf_counter() - start_time, check_compact=False, **bank)
+
+
+class _PinnedStaging:
+    """Host-to-device copies of chunks through two alternating pinned buffers on a side stream: the host
+    fills one buffer while the other one's copy runs, and refills a buffer only once its last copy is done."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.buffers = [torch.empty((numel,), dtype=dtype, pin_memory=True) for _ in range(2)]
+        self.copied = [None, None]
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))  # the destinations were made there
+
+    def copy(self, k: int, host: np.ndarray, dst: torch.Tensor, then=None) -> None:
+        """Copy `host` (dst's shape) into the device tensor dst through buffer k % 2; then(), if given, runs
+        on the copy stream after the copy (work that reads dst)."""
+        s = k % 2
+        if self.copied[s] is not None:
+            self.copied[s].synchronize()
+        staged = self.buffers[s][:host.size].view(host.shape)
+        staged.numpy()[...] = host
+        with torch.cuda.stream(self.stream):
+            dst.copy_(staged, non_blocking=True)
+            self.copied[s] = torch.cuda.Event()
+            self.copied[s].record(self.stream)
+            if then is not None:
+                then()
+
+    def close(self) -> None:
+        """Wait for every copy; later work on the current stream sees the destinations."""
+        self.stream.synchronize()
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.buffers = None
 
 
 def _read_in_order(read, count: int, workers: int | None):

@@ -1,4 +1,5 @@
 """TensorBank: upload of a real .inr file, chunk by chunk, and its size against the file's."""
+import contextlib
 import os
 
 import numpy as np
@@ -343,3 +344,54 @@ def test_cuda_upload_equals_cpu_bank(tmp_path):
             assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), (layout, name)
         idx = torch.arange(37, device="cuda")
         assert (decode(gpu, idx, 24) - decode(cpu, idx.cpu(), 24).cuda()).abs().max().item() <= 2e-3
+
+
+def test_pinned_staging_copies_every_chunk_and_reuses_a_buffer_only_after_its_copy(monkeypatch):
+    # The CUDA staging logic with CPU stand-ins for pinned memory, streams and events: every chunk lands in its
+    # destination, work passed as `then` sees the copied values, and a buffer is refilled only after the
+    # event recorded for its previous copy was waited on.
+    from inrfmt import bank as bank_module
+
+    events = []
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Event:
+        def __init__(self):
+            self.waited = False
+            events.append(self)
+
+        def record(self, stream):
+            pass
+
+        def synchronize(self):
+            self.waited = True
+
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(-2**31, 2**31, size=(rows, 3), dtype=np.int32) for rows in (4, 1, 3, 4, 2)]
+    dst = torch.zeros((sum(len(c) for c in chunks), 3), dtype=torch.int32)
+    staging = bank_module._PinnedStaging(4 * 3, torch.int32, torch.device("cpu"))
+    seen, start = [], 0
+    for k, chunk in enumerate(chunks):
+        # chunk k reuses buffer k % 2: the copy of chunk k - 2 must have been waited on first
+        target = dst[start:start + len(chunk)]
+        staging.copy(k, chunk, target, then=lambda t=target: seen.append(t.clone()))
+        assert all(e.waited for e in events[:k - 1]) and not any(e.waited for e in events[max(0, k - 1):])
+        start += len(chunk)
+    staging.close()
+    assert torch.equal(dst, torch.from_numpy(np.concatenate(chunks)))
+    assert all(torch.equal(s, torch.from_numpy(c)) for s, c in zip(seen, chunks))
