@@ -6,11 +6,12 @@
 
 Reptile (Nichol et al. 2018), first-order: starting from a random SIREN initialisation θ₀, every outer
 step draws `meta_batch` images, fits each from θ₀ with the batched fitter for the first round of the
-preset's prior schedule (the fit the prior will start: same Adam and betas, learning rate and cosine decay, the
-preset's pixel fraction and jitter), and moves θ₀ toward the mean of the fitted networks by a step size that decays
-linearly from `outer_lr` to a fifth of it (OUTER_LR_END). Memory is that of one fit of `meta_batch`
-images, whatever the number of images or steps. Every draw (θ₀'s initialisation, the images of each step, their pixel samples)
-derives from `seed`, so one device and torch build give the same prior for the same inputs.
+preset's prior schedule (the fit the prior will start: same Adam and betas, learning rate and cosine
+decay, the preset's pixel fraction and jitter), and moves θ₀ toward the mean of the fitted networks by a
+step size that decays linearly from `outer_lr` to a fifth of it (OUTER_LR_END). Memory is that of one fit
+of `meta_batch` images, whatever the number of images or steps. Every draw (θ₀'s initialisation, the
+images of each step, their pixel samples) derives from `seed`, so one device and torch build give the same
+prior for the same inputs.
 
 The learned prior holds initial values only (no learned step sizes: `Prior.lr_scale` stays None).
 """

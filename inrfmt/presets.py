@@ -318,8 +318,8 @@ PRESETS: dict[str, Preset] = {
             prune_rule=CIFAR10_RULE,
             description="paper CIFAR-10 net 3x15; 5000 + 10000 steps; dynamic pruning 0..25%",
             batch_size_cpu=256, batch_size_cuda=8192,
-            # From a prior: 1/20 of the paper's steps on one cosine curve with Adam's beta2 at 0.9 (lr 8e-3 lost
-            # 3 dB on some crops).
+            # From a prior: 1/20 of the paper's steps on one cosine curve with Adam's beta2 at 0.9 (at lr 8e-3 some
+            # crops diverge: 3.8 dB less in the mean).
             prior_rounds=(Round(steps=550, lr=5e-3, beta2=0.9),
                           Round(steps=200, lr=5e-3, prune="dynamic", continues=True, beta2=0.9)), prior="none",
             prior_steps=120, prior_outer_lr=0.25,
