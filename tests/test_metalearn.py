@@ -105,6 +105,7 @@ def test_every_preset_ships_a_prior_for_its_network():
         prior = Prior.builtin(name)
         assert prior.arch == preset.arch and prior.lr_scale is None
         assert all(np.isfinite(v).all() for v in prior.theta0.values())
+        assert prior.outputs_tied == preset.prior_tied_outputs, name  # as tools/train_priors.py writes them
     assert PRESETS["fast"].prior == "builtin"
     assert all(p.prior == "none" for n, p in PRESETS.items() if n.startswith("rapid-inr-"))
     with pytest.raises(InrUsageError, match="no built-in prior for preset 'nope'"):
