@@ -373,3 +373,21 @@ def test_bench_decode_exits_nonzero_past_the_error_tolerance(monkeypatch, tmp_pa
     result = json.loads((tmp_path / "bad.json").read_text())
     assert any(r["backend"] == "triton" and r["max_abs_err_vs_torch"] > 1e-9 for r in result["decode"])
     assert bench_decode.accuracy_failures(result, 1e-9) and not bench_decode.accuracy_failures(result)
+
+
+def test_bench_prior_reference_from_takes_only_a_run_on_the_same_crops(tmp_path):
+    import bench_prior
+
+    doc = dict(preset="rapid-inr-cifar10", size=32, n=32, crop_seed=1, device="cpu", photos="/x/data/photos/*/*.jpg")
+    earlier = dict(doc, photos="/y/data/photos/*/*.jpg", date="d", reference={"steps": 15000, "psnr": 30.7})
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    assert bench_prior.earlier_reference(path, doc) == (earlier["reference"], {"file": str(path), "date": "d"})
+    for key, value in (("n", 16), ("device", "cuda"), ("photos", "/y/other/*/*.jpg")):
+        path.write_text(json.dumps(dict(earlier, **{key: value})))
+        with pytest.raises(SystemExit, match=f"{key}"):
+            bench_prior.earlier_reference(path, doc)
+    for text in ("not json", json.dumps({k: v for k, v in earlier.items() if k != "reference"})):
+        path.write_text(text)
+        with pytest.raises(SystemExit, match="earlier.json"):
+            bench_prior.earlier_reference(path, doc)

@@ -69,8 +69,11 @@ def steps_to_reach(points: list[dict], target: float) -> float | None:
 def earlier_reference(path: Path, doc: dict) -> tuple[dict, dict]:
     """The reference point of an earlier run's JSON and where it came from; SystemExit unless that run
     fitted the same crops (preset, size, count, seed, photo folder) on the same device."""
-    earlier = json.loads(path.read_text())
-    if "reference" not in earlier:
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read it as a bench_prior JSON ({e})") from None
+    if not isinstance(earlier, dict) or "reference" not in earlier:
         raise SystemExit(f"{path}: no reference point in it (run that with --reference)")
     for key in ("preset", "size", "n", "crop_seed", "device"):
         if earlier.get(key) != doc[key]:
@@ -112,6 +115,8 @@ def main(argv=None) -> None:
                threads=torch.get_num_threads(),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                load_start=os.getloadavg(), curves={})
+    if args.reference_from:  # checked before any fitting
+        doc["reference"], doc["reference_from"] = earlier_reference(args.reference_from, doc)
     priors = {}
     for mode in args.modes.split(","):
         if mode == "builtin":
@@ -134,7 +139,6 @@ def main(argv=None) -> None:
             curve.append(point)
         doc["curves"][mode] = curve
     if args.reference_from:
-        doc["reference"], doc["reference_from"] = earlier_reference(args.reference_from, doc)
         print(f"reference {doc['reference']} (from {args.reference_from})", flush=True)
     elif args.reference:
         doc["reference"] = fit_point(crops, preset, preset.schedule(), None, device)
