@@ -304,7 +304,8 @@ def _print_info(doc: dict) -> None:
          + f"; first/last layers and biases {q['float_dtype']}"),
         ("file size", f"{doc['file_bytes']:,} bytes" + (f", {doc['bytes_per_image']:,.1f} bytes/image" if n else "")),
         ("fitted from", "a random initialisation" if doc["prior"] is None else
-         f"prior {doc['prior']['name']!r} (stored in the file, {doc['prior']['bytes']:,} bytes)"),
+         f"prior {doc['prior']['name']!r} (stored in the file, {doc['prior']['bytes']:,} bytes"
+         + (", with learned step sizes)" if doc["prior"]["lr_scale"] else ")")),
     ]
     if n:
         rows += [("PSNR (dB)", f"mean {p['mean']:.2f}, p10 {p['p10']:.2f}, min {p['min']:.2f}, max {p['max']:.2f}"),
@@ -420,9 +421,12 @@ def verify(file, sample):
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N")
 @click.option("--max-side", type=click.IntRange(min=1), default=None,
               help="Learn on images downscaled to at most this many pixels on the long side.")
+@click.option("--step-sizes", is_flag=True,
+              help="Also learn a step-size multiplier for every weight (Meta-SGD, first order); it doubles the "
+                   "prior's size.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress line.")
-def prior(src, out, preset, images, steps, seed, device, max_side, overwrite, quiet):
+def prior(src, out, preset, images, steps, seed, device, max_side, step_sizes, overwrite, quiet):
     """Learn a prior for PRESET from the images of SRC into OUT (a prior file for `convert --prior OUT`).
 
     SRC: any source `convert` reads. The prior is the starting point of every image's fit, meta-learned
@@ -437,7 +441,7 @@ def prior(src, out, preset, images, steps, seed, device, max_side, overwrite, qu
     check_out(Path(out), overwrite)  # before the learning, not after it
     source_name = os.path.basename(os.path.abspath(src))
     learned = learn_prior(src, preset, images=images, steps=steps, seed=seed, device=device, max_side=max_side,
-                          progress=not quiet, name=f"{preset} prior learned on {source_name}")
+                          step_sizes=step_sizes, progress=not quiet, name=f"{preset} prior learned on {source_name}")
     try:
         learned.save(out)
     except OSError as e:

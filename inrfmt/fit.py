@@ -225,6 +225,14 @@ def _group_params(params: siren.SirenParams, batch: FitBatch, group: SizeGroup) 
     return siren.SirenParams(*(t.index_select(0, group.members) for t in params))
 
 
+def full_loss_grad(params: siren.SirenParams, batch: FitBatch, arch: Architecture) -> siren.SirenParams:
+    """The gradient, at `params` (not modified), of the summed per-image MSE over every pixel of the
+    batch's fitting images: each image's networks get its own image's gradient."""
+    leaves = siren.SirenParams(*(t.detach().requires_grad_(True) for t in params))
+    loss = sum(per_image_loss(_group_params(leaves, batch, g), g.coords, g.targets, arch).sum() for g in batch.groups)
+    return siren.SirenParams(*torch.autograd.grad(loss, list(leaves)))
+
+
 def theta0_of(prior: Prior | None, device) -> torch.Tensor | None:
     """The prior's values as a float32 [P] tensor in flat parameter order (spec.param_groups), the origin
     of every code; None without a prior (codes around 0)."""

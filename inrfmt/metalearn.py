@@ -13,7 +13,12 @@ of `meta_batch` images, whatever the number of images or steps. Every draw (θ�
 images of each step, their pixel samples) derives from `seed`, so one device and torch build give the same
 prior for the same inputs.
 
-The learned prior holds initial values only (no learned step sizes: `Prior.lr_scale` stays None).
+With `step_sizes=True` it also learns a learning-rate multiplier for every entry of every parameter
+(`Prior.lr_scale`, Meta-SGD, Li et al. 2017), first order: the fit from θ₀ takes Adam steps Δₖ scaled by
+s, so θ_K = θ₀ + s ⊙ ΣΔₖ, and with the dependence of the Δₖ on s dropped the loss's gradient in log s is
+(θ_K − θ₀) ⊙ ∇L(θ_K), the gradient taken over every pixel of the image after its fit. It is averaged over
+the meta-batch and log s follows it with Adam (STEP_SIZE_LR), s kept within [1/MAX_STEP_SCALE,
+MAX_STEP_SCALE]. It costs one extra forward and backward pass per outer step.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from . import device as devices
 from . import rng, siren
 from .checks import check_fraction, check_int
 from .errors import InrUsageError
-from .fit import DrawKeys, fit_psnr, initial_params, prepare_batch, train_round
+from .fit import DrawKeys, fit_psnr, full_loss_grad, initial_params, prepare_batch, train_round
 from .presets import Preset, Round, get_preset
 from .prior import Prior
 from .progress import ProgressLine, duration
@@ -41,12 +46,16 @@ META_BATCH = 16
 OUTER_LR_END = 0.2
 # A prior is learned on at least this many distinct images.
 MIN_IMAGES = 16
+# Learned step sizes (step_sizes=True): Adam's learning rate on log s, and the bound on s and 1/s.
+STEP_SIZE_LR = 0.01
+MAX_STEP_SCALE = 8.0
 
 
 def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps: int | None = None,
                 meta_batch: int = META_BATCH, outer_lr: float | None = None, seed: int = 0, device="auto",
                 max_side: int | None = None, progress: bool = True, name: str | None = None, on_step=None,
-                freeze: tuple[str, ...] = (), inner: Round | None = None) -> Prior:
+                freeze: tuple[str, ...] = (), inner: Round | None = None, step_sizes: bool = False,
+                start: Prior | None = None) -> Prior:
     """Meta-learn a prior for `preset`'s network. src: any source `convert` reads (a seeded random sample
     of `images` of its items is used, capped to max_side) or a sequence of uint8 RGB arrays [h, w, 3] (any
     sizes); at least MIN_IMAGES. steps: outer (Reptile) steps, default the preset's `prior_steps`; outer_lr:
@@ -54,8 +63,11 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
     images for the preset's first prior round (`Preset.base_rounds(prior=True)[0]`).
     progress: a line on stderr with the inner-loop PSNR (the mean PSNR of the images after their fit).
     on_step(outer_step, psnr) is called after every outer step. freeze: parameters (SirenParams field
-    names) that keep their random initial values. inner: the fit of each outer step (default: the first
-    round of the preset's prior schedule). Returns a `Prior` named `name`; for a preset with
+    names) that keep their initial values (random, or start's). inner: the fit of each outer step (default: the first
+    round of the preset's prior schedule). step_sizes: also learn a step-size multiplier per parameter
+    entry (`Prior.lr_scale`, see the module docstring). start: begin from this prior's values (and its
+    step sizes, if it has them) instead of a random initialisation; with `freeze` naming every parameter
+    and step_sizes=True only the step sizes are learned. Returns a `Prior` named `name`; for a preset with
     `prior_tied_outputs` its output channels start from their mean (Prior.with_tied_outputs)."""
     preset_obj = get_preset(preset) if isinstance(preset, str) else preset
     if not isinstance(preset_obj, Preset):
@@ -89,8 +101,19 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
     arch = preset_obj.arch
     inner = preset_obj.base_rounds(prior=True)[0] if inner is None else inner
     pixel_fraction = preset_obj.pixel_fraction(dev.type)
-    init = initial_params(arch, DrawKeys.of(rng.mix(seed, _INIT_KEY), [0], 1, dev).init())
-    theta = [t[0].clone() for t in init]
+    if start is not None and (not isinstance(start, Prior) or start.arch != arch):
+        got = start.arch if isinstance(start, Prior) else type(start).__name__
+        raise InrUsageError(f"learn_prior: start must be a prior for {arch} ({preset_obj.name}), got {got}")
+    if start is None:
+        init = initial_params(arch, DrawKeys.of(rng.mix(seed, _INIT_KEY), [0], 1, dev).init())
+        theta = [t[0].clone() for t in init]
+    else:
+        theta = [torch.from_numpy(np.array(start.theta0[f])).to(dev) for f in siren.SirenParams._fields]
+    scales = start.lr_scale if start is not None else None
+    log_scale = [torch.zeros_like(t) if scales is None else torch.from_numpy(np.log(scales[f])).to(dev)
+                 for f, t in zip(siren.SirenParams._fields, theta)]
+    scale_opt = torch.optim.Adam(log_scale, lr=STEP_SIZE_LR) if step_sizes else None
+    use_scale = step_sizes or scales is not None
     picker = np.random.default_rng([seed, _PICK_KEY])
     line = ProgressLine(progress)
     label = f"prior {preset_obj.name}"
@@ -103,8 +126,17 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
             params = siren.SirenParams(*(t.unsqueeze(0).repeat(batch.n, *([1] * t.dim())).requires_grad_(True)
                                          for t in theta))
             keys = DrawKeys.of(rng.mix(seed, _FIT_KEY, outer), range(batch.n), batch.n, dev)
+            lr_scale = siren.SirenParams(*(s.exp().unsqueeze(0) for s in log_scale)) if use_scale else None
             train_round(params, batch, arch, steps=inner.steps, lr=inner.lr, pixel_fraction=pixel_fraction,
-                        jitter=preset_obj.jitter, keys=keys, beta2=inner.beta2)
+                        jitter=preset_obj.jitter, keys=keys, beta2=inner.beta2, lr_scale=lr_scale)
+            if scale_opt is not None:
+                grads = full_loss_grad(params, batch, arch)
+                for s, t, p, g in zip(log_scale, theta, params, grads):
+                    s.grad = ((p.detach() - t) * g).mean(0)
+                scale_opt.step()
+                with torch.no_grad():
+                    for s in log_scale:
+                        s.clamp_(-math.log(MAX_STEP_SCALE), math.log(MAX_STEP_SCALE))
             step_size = outer_lr * (1.0 - (1.0 - OUTER_LR_END) * outer / max(1, steps - 1))
             with torch.no_grad():
                 for field, t, p in zip(siren.SirenParams._fields, theta, params):
@@ -122,7 +154,9 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
     finally:
         line.close()
     theta0 = {field: t.detach().cpu().numpy() for field, t in zip(siren.SirenParams._fields, theta)}
-    prior = Prior(arch, theta0, None, preset_obj.name if name is None else name)
+    lr_scale = ({f: s.detach().exp().cpu().numpy() for f, s in zip(siren.SirenParams._fields, log_scale)}
+                if use_scale else None)
+    prior = Prior(arch, theta0, lr_scale, preset_obj.name if name is None else name)
     return prior.with_tied_outputs() if preset_obj.prior_tied_outputs else prior
 
 

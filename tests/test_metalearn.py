@@ -1,4 +1,5 @@
 """Learning a prior (inrfmt.metalearn), fitting from one, and convert's --prior."""
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,10 +11,11 @@ import inrfmt
 from inrfmt.conversion import convert, schedule_json
 from inrfmt.errors import InrUsageError
 from inrfmt.fit import fit_images, fit_psnr, prepare_batch, prior_params
-from inrfmt.metalearn import MIN_IMAGES, learn_prior
+from inrfmt.metalearn import MAX_STEP_SCALE, MIN_IMAGES, learn_prior
 from inrfmt.presets import PRESETS, Preset, Round
 from inrfmt.prior import PRIOR_PREAMBLE, Prior
 from inrfmt.reader import InrFile
+from inrfmt.siren import SirenParams
 from inrfmt.spec import Architecture
 from tests.test_convert import cli, tiny_folder
 
@@ -100,10 +102,37 @@ def test_lr_scale_multiplies_every_step():
     assert np.abs(moved.fit_psnr - start).max() > 0.1
 
 
+def test_learned_step_sizes_grow_where_the_inner_rate_is_too_small():
+    # The values stay those of `start` (every parameter frozen): only the step sizes are learned. The inner
+    # fit's rate is far too small, so every step size should grow, and fitting with them should gain.
+    start = learn_prior(smooth_images(MIN_IMAGES), TINY, steps=4, meta_batch=4, device="cpu", progress=False)
+    slow = Round(steps=20, lr=2e-4)
+    learned = learn_prior(smooth_images(32), TINY, steps=30, meta_batch=8, device="cpu", progress=False,
+                          inner=slow, start=start, freeze=SirenParams._fields, step_sizes=True)
+    assert learned.theta0.keys() == start.theta0.keys()
+    assert all(np.array_equal(learned.theta0[k], start.theta0[k]) for k in start.theta0)
+    scales = np.concatenate([v.ravel() for v in learned.lr_scale.values()])
+    assert np.median(scales) > 1.2 and scales.max() <= MAX_STEP_SCALE and scales.min() >= 1 / MAX_STEP_SCALE
+    held_out = smooth_images(12, seed=1)
+    plain = fit_images(held_out, TINY.arch, (slow,), prior=start, hidden_dtype="float32").fit_psnr.mean()
+    scaled = fit_images(held_out, TINY.arch, (slow,), prior=learned, hidden_dtype="float32").fit_psnr.mean()
+    assert scaled > plain + 0.2, (scaled, plain)
+    again = learn_prior(smooth_images(32), TINY, steps=30, meta_batch=8, device="cpu", progress=False,
+                        inner=slow, start=start, freeze=SirenParams._fields, step_sizes=True)
+    assert again == learned  # deterministic, step sizes included
+    # a learned prior's step sizes are where the next run starts from
+    more = learn_prior(smooth_images(32), TINY, steps=1, meta_batch=8, device="cpu", progress=False, inner=slow,
+                       start=learned, freeze=SirenParams._fields)
+    assert all(np.array_equal(more.lr_scale[k], learned.lr_scale[k]) for k in learned.lr_scale)
+    with pytest.raises(InrUsageError, match="start must be a prior for"):
+        learn_prior(smooth_images(MIN_IMAGES), PRESETS["fast"], steps=1, start=start, progress=False)
+
+
 def test_every_preset_ships_a_prior_for_its_network():
     for name, preset in PRESETS.items():
         prior = Prior.builtin(name)
-        assert prior.arch == preset.arch and prior.lr_scale is None
+        # learned step sizes paid for the 10-layer nets only (measured), so only their priors carry them
+        assert prior.arch == preset.arch and (prior.lr_scale is not None) == (preset.arch.sine_layers == 10), name
         assert all(np.isfinite(v).all() for v in prior.theta0.values())
         assert prior.outputs_tied == preset.prior_tied_outputs, name  # as tools/train_priors.py writes them
     assert PRESETS["fast"].prior == "builtin"
@@ -219,10 +248,11 @@ def test_bad_prior_files_are_one_line(tmp_path):
 def test_prior_command_writes_a_prior_that_convert_uses(tmp_path):
     src = image_folder(tmp_path / "src", 20, size=6)
     out = tmp_path / "mine.prior"
-    proc = cli("prior", src, out, "--preset", "fast", "--steps", "2", "--images", "16", "--device", "cpu")
+    proc = cli("prior", src, out, "--preset", "fast", "--steps", "2", "--images", "16", "--device", "cpu",
+               "--step-sizes")
     assert "wrote" in proc.stderr and "prior fast: step 2/2" in proc.stderr
     prior = Prior.load(out)
-    assert prior.arch == PRESETS["fast"].arch and "src" in prior.name
+    assert prior.arch == PRESETS["fast"].arch and "src" in prior.name and prior.lr_scale is not None
     proc = cli("prior", src, out, "--steps", "1", check=False)
     assert proc.returncode == 2 and "exists" in proc.stderr
     proc = cli("prior", src, tmp_path / "y.prior", "--images", "3", check=False)
@@ -231,7 +261,8 @@ def test_prior_command_writes_a_prior_that_convert_uses(tmp_path):
     with InrFile(tmp_path / "m.inr") as f:
         assert f.prior == prior
     proc = cli("info", tmp_path / "m.inr")
-    assert "fitted from" in proc.stdout and "src" in proc.stdout
+    assert "fitted from" in proc.stdout and "src" in proc.stdout and "with learned step sizes" in proc.stdout
+    assert json.loads(cli("info", tmp_path / "m.inr", "--json").stdout)["prior"]["lr_scale"] is True
 
 
 def test_merge_refuses_parts_fitted_from_different_priors(tmp_path):

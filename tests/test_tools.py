@@ -391,3 +391,21 @@ def test_bench_prior_reference_from_takes_only_a_run_on_the_same_crops(tmp_path)
         path.write_text(text)
         with pytest.raises(SystemExit, match="earlier.json"):
             bench_prior.earlier_reference(path, doc)
+
+
+def test_train_priors_learns_step_sizes_on_top_of_the_shipped_prior(tmp_path, monkeypatch):
+    import train_priors
+    from PIL import Image
+
+    from inrfmt.prior import Prior
+
+    gradient = np.linspace(0, 255, 96 * 96 * 3).reshape(96, 96, 3)
+    photos = [Image.fromarray(((gradient * (k + 1)) % 256).astype(np.uint8)) for k in range(3)]
+    monkeypatch.setattr(train_priors, "load_photos", lambda directory: photos)  # instead of the manifest's files
+    log = tmp_path / "log.json"
+    train_priors.main(["--photos", str(tmp_path), "--preset", "fast", "--steps", "1", "--crops", "16",
+                       "--step-sizes", "only", "--out", str(tmp_path), "--log", str(log)])
+    learned, shipped = Prior.load(tmp_path / "fast.prior"), Prior.builtin("fast")
+    assert all(np.array_equal(learned.theta0[k], shipped.theta0[k]) for k in shipped.theta0)
+    assert learned.lr_scale is not None and not all((v == 1).all() for v in learned.lr_scale.values())
+    assert json.loads(log.read_text())[0]["step_sizes"] == "only"

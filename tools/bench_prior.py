@@ -114,6 +114,7 @@ def main(argv=None) -> None:
                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                threads=torch.get_num_threads(),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               builtin_prior=str(args.prior) if args.prior else "the preset's built-in prior",
                load_start=os.getloadavg(), curves={})
     if args.reference_from:  # checked before any fitting
         doc["reference"], doc["reference_from"] = earlier_reference(args.reference_from, doc)

@@ -9,11 +9,14 @@ training. `--fetch DIR` downloads the Debian packages with `apt-get download` an
 of the installed scikit-image / matplotlib packages. Never add `mate-backgrounds` or `lomiri-wallpapers*`
 photos: they are kept for independent evaluation.
 
-Crops are square, with a side drawn uniformly between CROP_SCALES of the photo's short side (small photos:
-SMALL_PHOTO_SCALES), at a random place, Lanczos-resized to the preset's crop size; near-flat crops (pixel
-std < MIN_STD) are drawn again. The 10-layer presets are trained on 64² crops on a CPU (their fits are
-costly), on 128² with --size 128; so is `large` (5x32: 45 outer steps of 800 inner steps on 25% of the pixels,
-about 10 minutes of one CPU thread). Writes a JSON log (--log) with the per-step inner PSNR and the time.
+Crops are square, with a side drawn uniformly between CROP_SCALES of the photo's short side (small photos,
+and every photo with --photo-side, which first downscales them: SMALL_PHOTO_SCALES), at a random place,
+Lanczos-resized to the preset's crop size; near-flat crops (pixel std < MIN_STD) are drawn again. The
+10-layer presets are trained on 64² crops on a CPU (their fits are costly), on 128² with --size 128; so is
+`large` (5x32: 45 outer steps of 800 inner steps on 25% of the pixels, about 10 minutes of one CPU thread).
+`--step-sizes only` keeps the shipped prior's values and learns step sizes for them from 1 (Meta-SGD, see
+inrfmt.metalearn): the 10-layer priors' step sizes come from `--step-sizes only --photo-side 256 --size 64
+--crops 2048 --seed 3`. Writes a JSON log (--log) with the per-step inner PSNR and the time.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from inrfmt.metalearn import learn_prior  # noqa: E402
 from inrfmt.presets import PRESETS  # noqa: E402
 from inrfmt.prior import Prior  # noqa: E402
+from inrfmt.siren import SirenParams  # noqa: E402
 
 MANIFEST = ROOT / "tools" / "prior_photos.json"
 CROP_SCALES = (1 / 16, 1 / 2)
@@ -143,6 +147,12 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "inrfmt" / "priors")
     ap.add_argument("--log", type=Path, help="JSON log of the run")
+    ap.add_argument("--photo-side", type=int,
+                    help="first downscale every photo to at most this many pixels on its long side, so crops "
+                         "are at the scale of a dataset's whole images (then 1/4 to 1 of the short side)")
+    ap.add_argument("--step-sizes", choices=("also", "only"),
+                    help="also learn step sizes (Meta-SGD), or learn only them, from 1, for the shipped prior's "
+                         "values (they paid for the 10-layer presets, not for 3x15: BENCHMARKS.md)")
     ap.add_argument("--own", action="store_true", help=f"train {', '.join(SAME_VALUES)} with their own prior "
                                                          f"schedules instead of copying (measured worse)")
     args = ap.parse_args(argv)
@@ -151,6 +161,11 @@ def main(argv=None) -> None:
     if not args.photos:
         ap.error("--photos DIR (or --fetch DIR first)")
     photos = load_photos(args.photos)
+    if args.photo_side:
+        if args.photo_side >= SMALL_PHOTO_SIDE:
+            ap.error(f"--photo-side must be under {SMALL_PHOTO_SIDE}")
+        for im in photos:
+            im.thumbnail((args.photo_side, args.photo_side), Image.Resampling.LANCZOS)
     log = []
     for preset in args.preset or list(PRESETS):
         if preset in SAME_VALUES and not args.own:
@@ -170,12 +185,19 @@ def main(argv=None) -> None:
         crops = random_crops(photos, args.crops, size, args.seed)
         history = []
         t0 = time.perf_counter()
+        start = None
+        if args.step_sizes == "only":  # the shipped values stay; step sizes are learned afresh for them
+            shipped = Prior.builtin(preset)
+            start = Prior(shipped.arch, shipped.theta0, None, shipped.name)
         prior = learn_prior(crops, preset, steps=args.steps, seed=args.seed, device=args.device,
-                            on_step=lambda k, psnr: history.append(round(psnr, 3)))
+                            on_step=lambda k, psnr: history.append(round(psnr, 3)),
+                            step_sizes=args.step_sizes is not None, start=start,
+                            freeze=SirenParams._fields if start is not None else ())
         seconds = time.perf_counter() - t0
         args.out.mkdir(parents=True, exist_ok=True)
         prior.save(args.out / f"{preset}.prior")
         log.append(dict(preset=preset, crop_size=size, crops=len(crops), steps=len(history), seconds=round(seconds, 1),
+                        step_sizes=args.step_sizes, photo_side=args.photo_side,
                         inner_psnr=history, photos=len(photos), seed=args.seed, device=args.device,
                         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         load=os.getloadavg()))
