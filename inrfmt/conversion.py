@@ -393,10 +393,7 @@ def resolve_prior(prior, preset: Preset) -> tuple[str, Prior | None]:
             choice, value = os.path.abspath(name), Prior.load(name)
     else:
         raise InrUsageError(f"prior must be one of {', '.join(PRIOR_CHOICES)}, a prior file or a Prior, got {prior!r}")
-    if value.arch != preset.arch:
-        a, b = value.arch, preset.arch
-        raise InrUsageError(f"prior {choice}: it is for a {a.sine_layers}x{a.width} network (w0 {a.w0:g}), preset "
-                            f"{preset.name} uses {b.sine_layers}x{b.width} (w0 {b.w0:g})")
+    value.check_arch(preset.arch, f"prior {choice}", f"preset {preset.name}")
     return choice, value
 
 

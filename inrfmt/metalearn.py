@@ -33,7 +33,8 @@ from . import device as devices
 from . import rng, siren
 from .checks import check_fraction, check_int
 from .errors import InrUsageError
-from .fit import DrawKeys, fit_psnr, full_loss_grad, initial_params, prepare_batch, train_round
+from .fit import (DrawKeys, fit_psnr, full_loss_grad, initial_params, prepare_batch, prior_lr_scale, prior_params,
+                  train_round)
 from .presets import Preset, Round, get_preset
 from .prior import Prior
 from .progress import ProgressLine, duration
@@ -63,8 +64,8 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
     images for the preset's first prior round (`Preset.base_rounds(prior=True)[0]`).
     progress: a line on stderr with the inner-loop PSNR (the mean PSNR of the images after their fit).
     on_step(outer_step, psnr) is called after every outer step. freeze: parameters (SirenParams field
-    names) that keep their initial values (random, or start's). inner: the fit of each outer step (default: the first
-    round of the preset's prior schedule). step_sizes: also learn a step-size multiplier per parameter
+    names) that keep their initial values (random, or start's). inner: the fit of each outer step
+    (default: the first round of the preset's prior schedule). step_sizes: also learn a step-size multiplier per parameter
     entry (`Prior.lr_scale`, see the module docstring). start: begin from this prior's values (and its
     step sizes, if it has them) instead of a random initialisation; with `freeze` naming every parameter
     and step_sizes=True only the step sizes are learned. Returns a `Prior` named `name`; for a preset with
@@ -101,19 +102,17 @@ def learn_prior(src, preset: str | Preset = "fast", *, images: int = 1024, steps
     arch = preset_obj.arch
     inner = preset_obj.base_rounds(prior=True)[0] if inner is None else inner
     pixel_fraction = preset_obj.pixel_fraction(dev.type)
-    if start is not None and (not isinstance(start, Prior) or start.arch != arch):
-        got = start.arch if isinstance(start, Prior) else type(start).__name__
-        raise InrUsageError(f"learn_prior: start must be a prior for {arch} ({preset_obj.name}), got {got}")
-    if start is None:
-        init = initial_params(arch, DrawKeys.of(rng.mix(seed, _INIT_KEY), [0], 1, dev).init())
-        theta = [t[0].clone() for t in init]
-    else:
-        theta = [torch.from_numpy(np.array(start.theta0[f])).to(dev) for f in siren.SirenParams._fields]
-    scales = start.lr_scale if start is not None else None
-    log_scale = [torch.zeros_like(t) if scales is None else torch.from_numpy(np.log(scales[f])).to(dev)
-                 for f, t in zip(siren.SirenParams._fields, theta)]
+    if start is not None:
+        if not isinstance(start, Prior):
+            raise InrUsageError(f"learn_prior: start must be a Prior, got {type(start).__name__}")
+        start.check_arch(arch, "learn_prior: start", f"preset {preset_obj.name}")
+    init = initial_params(arch, DrawKeys.of(rng.mix(seed, _INIT_KEY), [0], 1, dev).init()) if start is None \
+        else prior_params(start, 1, dev)
+    theta = [t[0].clone() for t in init]
+    start_scale = prior_lr_scale(start, dev)  # None without a start or without step sizes in it
+    log_scale = [torch.zeros_like(t) for t in theta] if start_scale is None else [s[0].log() for s in start_scale]
     scale_opt = torch.optim.Adam(log_scale, lr=STEP_SIZE_LR) if step_sizes else None
-    use_scale = step_sizes or scales is not None
+    use_scale = step_sizes or start_scale is not None
     picker = np.random.default_rng([seed, _PICK_KEY])
     line = ProgressLine(progress)
     label = f"prior {preset_obj.name}"

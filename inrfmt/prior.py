@@ -76,6 +76,14 @@ class Prior:
 
     __hash__ = None
 
+    def check_arch(self, arch: Architecture, subject: str, user: str) -> None:
+        """InrUsageError unless this prior is for `arch`: "<subject>: it is for a SxW network (w0 ..), <user>
+        uses ..." (e.g. subject "prior builtin", user "preset fast")."""
+        if self.arch != arch:
+            a = self.arch
+            raise InrUsageError(f"{subject}: it is for a {a.sine_layers}x{a.width} network (w0 {a.w0:g}), {user} "
+                                f"uses {arch.sine_layers}x{arch.width} (w0 {arch.w0:g})")
+
     @property
     def outputs_tied(self) -> bool:
         """True when the three output channels start from the same values (equal rows of last_w, equal

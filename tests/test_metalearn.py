@@ -124,7 +124,7 @@ def test_learned_step_sizes_grow_where_the_inner_rate_is_too_small():
     more = learn_prior(smooth_images(32), TINY, steps=1, meta_batch=8, device="cpu", progress=False, inner=slow,
                        start=learned, freeze=SirenParams._fields)
     assert all(np.array_equal(more.lr_scale[k], learned.lr_scale[k]) for k in learned.lr_scale)
-    with pytest.raises(InrUsageError, match="start must be a prior for"):
+    with pytest.raises(InrUsageError, match="start: it is for a 2x10 network"):
         learn_prior(smooth_images(MIN_IMAGES), PRESETS["fast"], steps=1, start=start, progress=False)
 
 

@@ -160,10 +160,10 @@ def main(argv=None) -> None:
         return fetch(args.fetch)
     if not args.photos:
         ap.error("--photos DIR (or --fetch DIR first)")
-    photos = load_photos(args.photos)
+    if args.photo_side is not None and not 1 <= args.photo_side < SMALL_PHOTO_SIDE:
+        ap.error(f"--photo-side must be 1 to {SMALL_PHOTO_SIDE - 1}, got {args.photo_side}")
+    photos = load_photos(args.photos)  # checks every photo's SHA-256: after the arguments
     if args.photo_side:
-        if args.photo_side >= SMALL_PHOTO_SIDE:
-            ap.error(f"--photo-side must be under {SMALL_PHOTO_SIDE}")
         for im in photos:
             im.thumbnail((args.photo_side, args.photo_side), Image.Resampling.LANCZOS)
     log = []
